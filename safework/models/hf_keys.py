@@ -1,0 +1,104 @@
+"""The correspondence between our parameter tree and Hugging Face checkpoint tensors.
+
+Each of our parameters maps to one checkpoint tensor. A `Linear` weight is stored (out, in) by PyTorch; our
+kernels are (in..., out...) with heads split out, so conversion is a transpose plus reshapes, described by how many
+leading kernel dimensions are inputs (`num_in`). Checkpoints on disk use the legacy key layout (`model.*`,
+`visual.*`, `lm_head.*`); the post-4.52 in-memory layout (`model.language_model.*`, `model.visual.*`) is accepted
+on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+from safework.models.config import ModelConfig
+
+ParamPath = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class HfTensor:
+  key: str
+  shape: tuple[int, ...]        # shape in the checkpoint
+  num_in: int | None = None     # None: same values, only reshaped; else a transposed Linear/Conv weight
+
+  def to_ours(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if self.num_in is None:
+      return w.reshape(shape)
+    return w.reshape(self.shape[0], -1).T.reshape(shape)
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    if self.num_in is None:
+      return x.reshape(self.shape)
+    return x.reshape(math.prod(x.shape[:self.num_in]), -1).T.reshape(self.shape)
+
+
+def _linear(key: str, kernel_shape: tuple[int, ...], num_in: int) -> HfTensor:
+  return HfTensor(key, (math.prod(kernel_shape[num_in:]), math.prod(kernel_shape[:num_in])), num_in)
+
+
+def _plain(key: str, shape: tuple[int, ...]) -> HfTensor:
+  return HfTensor(key, (math.prod(shape),) if len(shape) > 1 else tuple(shape))
+
+
+def hf_tensor_map(cfg: ModelConfig) -> dict[ParamPath, HfTensor]:
+  """Every parameter path of `Qwen25VL(cfg)` with its checkpoint tensor (legacy layout)."""
+  t, v = cfg.text, cfg.vision
+  d, n, k, h, f = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.intermediate_size
+  c, vn, vh, vf = v.hidden_size, v.num_heads, v.head_dim, v.intermediate_size
+  wide = c * v.merge_unit
+  out: dict[ParamPath, HfTensor] = {}
+
+  def mlp(prefix: ParamPath, key: str, dim: int, hidden: int, bias: bool):
+    for name, shape in (("gate", (dim, hidden)), ("up", (dim, hidden)), ("down", (hidden, dim))):
+      out[prefix + (name, "kernel")] = _linear(f"{key}.{name}_proj.weight", shape, 1)
+      if bias:
+        out[prefix + (name, "bias")] = _plain(f"{key}.{name}_proj.bias", shape[-1:])
+
+  out[("visual", "patch_embed", "kernel")] = HfTensor(
+      "visual.patch_embed.proj.weight", (c, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), 1)
+  for i in range(v.depth):
+    p, key = ("visual", f"blocks_{i}"), f"visual.blocks.{i}"
+    out[p + ("norm1", "scale")] = _plain(f"{key}.norm1.weight", (c,))
+    out[p + ("norm2", "scale")] = _plain(f"{key}.norm2.weight", (c,))
+    out[p + ("qkv", "kernel")] = _linear(f"{key}.attn.qkv.weight", (c, 3, vn, vh), 1)
+    out[p + ("qkv", "bias")] = _plain(f"{key}.attn.qkv.bias", (3, vn, vh))
+    out[p + ("proj", "kernel")] = _linear(f"{key}.attn.proj.weight", (vn, vh, c), 2)
+    out[p + ("proj", "bias")] = _plain(f"{key}.attn.proj.bias", (c,))
+    mlp(p + ("mlp",), f"{key}.mlp", c, vf, bias=True)
+  merger = ("visual", "merger")
+  out[merger + ("ln_q", "scale")] = _plain("visual.merger.ln_q.weight", (c,))
+  for name, index, shape in (("fc1", 0, (wide, wide)), ("fc2", 2, (wide, d))):
+    out[merger + (name, "kernel")] = _linear(f"visual.merger.mlp.{index}.weight", shape, 1)
+    out[merger + (name, "bias")] = _plain(f"visual.merger.mlp.{index}.bias", shape[-1:])
+
+  out[("embed_tokens",)] = HfTensor("model.embed_tokens.weight", (t.vocab_size, d))
+  for i in range(t.num_hidden_layers):
+    p, key = ("decoder", f"layers_{i}"), f"model.layers.{i}"
+    out[p + ("input_norm", "scale")] = _plain(f"{key}.input_layernorm.weight", (d,))
+    out[p + ("post_attention_norm", "scale")] = _plain(f"{key}.post_attention_layernorm.weight", (d,))
+    for name, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
+      out[p + (name, "kernel")] = _linear(f"{key}.self_attn.{name}.weight", (d, heads, h), 1)
+      out[p + (name, "bias")] = _plain(f"{key}.self_attn.{name}.bias", (heads, h))
+    out[p + ("o_proj", "kernel")] = _linear(f"{key}.self_attn.o_proj.weight", (n, h, d), 2)
+    mlp(p + ("mlp",), f"{key}.mlp", d, f, bias=False)
+  out[("decoder", "norm", "scale")] = _plain("model.norm.weight", (d,))
+  if not cfg.tie_word_embeddings:
+    out[("lm_head",)] = HfTensor("lm_head.weight", (t.vocab_size, d))
+  return out
+
+
+_IN_MEMORY_LAYOUT = ((re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual."))
+# Non-persistent buffers that some exports carry; they hold nothing a model needs.
+IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.inv_freq$")
+
+
+def canonical_key(key: str) -> str:
+  """The legacy (on-disk) name of a checkpoint key written in either layout."""
+  for pattern, replacement in _IN_MEMORY_LAYOUT:
+    key = pattern.sub(replacement, key)
+  return key

@@ -1,0 +1,81 @@
+"""Host-side preparation of a model call: positions and vision layouts, validated against the prompt.
+
+`prepare_inputs` runs in numpy on concrete arrays. Outside `jit`, the model calls it itself; a jitted caller runs
+it once on the host and passes the result (a pytree of arrays) into the jitted function.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import numpy as np
+
+from safework.models.config import ModelConfig
+from safework.models.rope_index import get_rope_index
+from safework.models.vision_layout import VisionLayout, num_patches, vision_layout
+
+
+@flax.struct.dataclass
+class PreparedInputs:
+  """positions [3, B, T] and rope_deltas [B] of the prompt; the vision layouts of its images and videos."""
+  positions: np.ndarray
+  rope_deltas: np.ndarray
+  image_layout: VisionLayout | None = None
+  video_layout: VisionLayout | None = None
+
+
+def _concrete(x, name: str) -> np.ndarray | None:
+  if x is None:
+    return None
+  try:
+    return np.asarray(x)
+  except Exception as e:   # a tracer: this is data-dependent index arithmetic that must run on the host
+    raise TypeError(
+        f"{name} must be a concrete array: the vision layout and M-RoPE positions are computed on the host. "
+        "Under jax.jit, call safework.models.prepare_inputs(...) outside jit and pass its result as "
+        "`prepared=`.") from e
+
+
+def _check_placeholders(cfg: ModelConfig, input_ids: np.ndarray, token: int, grid: np.ndarray | None,
+                        pixels, name: str) -> None:
+  count = int((input_ids == token).sum())
+  merged = 0 if grid is None else num_patches(grid) // cfg.vision.merge_unit
+  if count != merged:
+    raise ValueError(f"the prompt has {count} {name} placeholder tokens (id {token}) but the {name} grids give "
+                     f"{merged} merged patches; expand each {name} placeholder with the processor "
+                     "(safework.processing.Processor) so the counts agree")
+  if grid is not None and pixels is not None:
+    rows = np.shape(pixels)[0]
+    if rows != num_patches(grid):
+      raise ValueError(f"{name} pixel values have {rows} patch rows but the grids {grid.tolist()} describe "
+                       f"{num_patches(grid)} patches")
+
+
+def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                   second_per_grid_ts=None, pixel_values=None, pixel_values_videos=None) -> PreparedInputs:
+  """Positions, rope deltas and vision layouts for one batch, checked against the placeholders."""
+  ids = _concrete(input_ids, "input_ids")
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must have shape [batch, length], got {ids.shape}")
+  mask = _concrete(attention_mask, "attention_mask")
+  if mask is not None and mask.shape != ids.shape:
+    raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+  image_grid = _concrete(image_grid_thw, "image_grid_thw")
+  video_grid = _concrete(video_grid_thw, "video_grid_thw")
+  if (pixel_values is None) != (image_grid is None):
+    raise ValueError("pixel_values and image_grid_thw must be given together")
+  if (pixel_values_videos is None) != (video_grid is None):
+    raise ValueError("pixel_values_videos and video_grid_thw must be given together")
+  _check_placeholders(cfg, ids, cfg.image_token_id, image_grid, pixel_values, "image")
+  _check_placeholders(cfg, ids, cfg.video_token_id, video_grid, pixel_values_videos, "video")
+  seconds = _concrete(second_per_grid_ts, "second_per_grid_ts")
+  if seconds is not None and (video_grid is None or len(seconds) != len(video_grid)):
+    raise ValueError(f"second_per_grid_ts needs one value per video: got {np.shape(seconds)} for "
+                     f"{0 if video_grid is None else len(video_grid)} videos")
+  positions, deltas = get_rope_index(
+      ids, mask, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+      spatial_merge_size=cfg.vision.spatial_merge_size, tokens_per_second=cfg.vision.tokens_per_second,
+      image_grid_thw=image_grid, video_grid_thw=video_grid, second_per_grid_ts=seconds)
+  return PreparedInputs(
+      positions=positions, rope_deltas=deltas,
+      image_layout=None if image_grid is None else vision_layout(image_grid, cfg.vision, "image_grid_thw"),
+      video_layout=None if video_grid is None else vision_layout(video_grid, cfg.vision, "video_grid_thw"))

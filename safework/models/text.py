@@ -1,0 +1,87 @@
+"""The Qwen2 decoder with M-RoPE: GQA attention (q/k/v bias, no o bias), SwiGLU MLP, RMSNorm.
+
+The caller owns the KV cache: a layer takes its `KVCache` (or None) and returns the updated one. Keys are stored
+already rotated and indexed by *slot*; positions are tracked separately (an image of n tokens advances the
+M-RoPE position by only max(lh, lw)), so the slot index is never used as a position.
+
+Axis legend: B batch, T query time, S cache slots, D hidden, N heads, K kv heads, H head dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from safework.models import rope
+from safework.models.attention import grouped_query_attention
+from safework.models.config import TextConfig
+from safework.models.layers import Dtype, Einsum, GatedMLP, RMSNorm
+from safework.models.remat import remat_module
+
+
+@flax.struct.dataclass
+class KVCache:
+  """One layer's keys and values, [B, S, K, H] each; slot s holds the token written at write index s."""
+  k: jax.Array
+  v: jax.Array
+
+
+def causal_padding_mask(key_valid: jax.Array, query_start: jax.Array | int, num_queries: int) -> jax.Array:
+  """Causal + padding mask [B, T, S]: query t (at slot query_start + t) sees valid slots s <= its own slot."""
+  slots = jnp.arange(key_valid.shape[-1])
+  query_slots = query_start + jnp.arange(num_queries)
+  return (slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :].astype(bool)
+
+
+class DecoderLayer(nn.Module):
+  cfg: TextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               cache: KVCache | None = None, write_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+    cfg, common = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    norm = lambda name: RMSNorm(d, cfg.rms_norm_eps, name=name, **common)
+
+    y = norm("input_norm")(x)
+    q = Einsum("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), bias_rank=2, name="q_proj", **common)(y)
+    kv = dict(equation="btd,dkh->btkh", shape=(d, k, h), axes=("embed", "kv_heads", "head_dim"), bias_rank=2)
+    keys = Einsum(**kv, name="k_proj", **common)(y)
+    values = Einsum(**kv, name="v_proj", **common)(y)
+    q, keys = rope.apply_rope(q, cos, sin), rope.apply_rope(keys, cos, sin)
+    if cache is not None:
+      start = (0, write_index, 0, 0)
+      cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, keys.astype(cache.k.dtype), start),
+                      v=jax.lax.dynamic_update_slice(cache.v, values.astype(cache.v.dtype), start))
+      keys, values = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
+    attended = grouped_query_attention(q, keys, values, mask)
+    x = x + Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **common)(attended)
+    mlp = GatedMLP(d, cfg.intermediate_size, use_bias=False, name="mlp", **common)
+    return x + mlp(norm("post_attention_norm")(x)), cache
+
+
+class TextDecoder(nn.Module):
+  """Decoder layers and the final norm, from input embeddings to final hidden states."""
+  cfg: TextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, caches: tuple[KVCache, ...] | None = None,
+               write_index: jax.Array | int = 0) -> tuple[jax.Array, tuple[KVCache, ...] | None]:
+    """x [B, T, D], positions [3, B, T], mask [B, T, S] -> hidden [B, T, D] and the updated caches."""
+    cfg = self.cfg
+    cos, sin = rope.mrope_cos_sin(positions, cfg.rope_theta, cfg.head_dim, cfg.mrope_section, self.dtype)
+    layer = remat_module(DecoderLayer, self.remat_policy)
+    new_caches = []
+    for i in range(cfg.num_hidden_layers):
+      cache = None if caches is None else caches[i]
+      x, cache = layer(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(x, cos, sin, mask, cache, write_index)
+      new_caches.append(cache)
+    x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return x, None if caches is None else tuple(new_caches)

@@ -1,0 +1,112 @@
+"""Text + images + videos -> model arrays: chat template, placeholder expansion, tokenisation, left padding.
+
+Each `<|image_pad|>` (`<|video_pad|>`) in a text stands for one image (video), taken in order across the batch;
+it is expanded to `t * h * w / merge^2` copies, the number of merged patches the vision tower produces for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import transformers
+
+from safework.processing.image import ImageLike, VisionSettings, preprocess_image
+from safework.processing.tokenizer import CHAT_TEMPLATE
+from safework.processing.video import VIDEO_SETTINGS, Video, preprocess_video
+
+IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
+
+
+class PromptTooLongError(ValueError):
+  """A prompt longer than the allowed number of tokens."""
+
+
+class Processor:
+  """Turns chat messages, images and videos into the arrays `Qwen25VL` takes."""
+
+  def __init__(self, tokenizer: transformers.PreTrainedTokenizerBase, image_settings: VisionSettings = VisionSettings(),
+               video_settings: VisionSettings = VIDEO_SETTINGS, video_fps: float | None = 2.0):
+    self.tokenizer = tokenizer
+    self.image_settings = image_settings
+    self.video_settings = video_settings
+    self.video_fps = video_fps
+    if tokenizer.pad_token_id is None:
+      raise ValueError("the tokenizer has no pad token; set one (Qwen uses <|endoftext|>)")
+
+  @classmethod
+  def from_pretrained(cls, path: str | Path, **kwargs) -> "Processor":
+    """Tokenizer and preprocessing settings from a local checkpoint directory (no remote code, no hub)."""
+    path = Path(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    image_settings, video_settings = VisionSettings(), VIDEO_SETTINGS
+    if (path / "preprocessor_config.json").is_file():
+      image_settings = VisionSettings.from_preprocessor_config(json.loads((path / "preprocessor_config.json").read_text()))
+    if (path / "video_preprocessor_config.json").is_file():
+      video_settings = VisionSettings.from_preprocessor_config(
+          json.loads((path / "video_preprocessor_config.json").read_text()),
+          min_pixels=VIDEO_SETTINGS.min_pixels, max_pixels=VIDEO_SETTINGS.max_pixels)
+    return cls(tokenizer, image_settings, video_settings, **kwargs)
+
+  def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    """The chat template applied to messages (the checkpoint's own template, else Qwen2-VL's)."""
+    template = None if self.tokenizer.chat_template else CHAT_TEMPLATE
+    return self.tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                              add_generation_prompt=add_generation_prompt)
+
+  def _expand(self, texts: list[str], token: str, counts: list[int], what: str) -> list[str]:
+    found = sum(t.count(token) for t in texts)
+    if found != len(counts):
+      raise ValueError(f"the texts hold {found} {what} placeholders ({token}) but {len(counts)} {what}s were given")
+    counts_iter, out = iter(counts), []
+    for text in texts:
+      pieces = text.split(token)
+      out.append(pieces[0] + "".join(token * next(counts_iter) + piece for piece in pieces[1:]))
+    return out
+
+  def __call__(self, texts: str | Sequence[str], images: Sequence[ImageLike] | None = None,
+               videos: Sequence[Video] | None = None, max_length: int | None = None) -> dict[str, np.ndarray]:
+    """Left-padded `input_ids`/`attention_mask` [B, T] and the vision arrays (absent when unused).
+
+    `images`/`videos` are flat lists, in the order their placeholders appear across the texts.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    out: dict[str, np.ndarray] = {}
+    unit = self.image_settings.merge_size**2
+    image_patches = [preprocess_image(im, self.image_settings) for im in images or ()]
+    texts = self._expand(texts, IMAGE_TOKEN, [int(np.prod(g)) // unit for _, g in image_patches], "image")
+    if image_patches:
+      out["pixel_values"] = np.concatenate([p for p, _ in image_patches])
+      out["image_grid_thw"] = np.array([g for _, g in image_patches], np.int64)
+    video_patches = [preprocess_video(v, self.video_settings, self.video_fps) for v in videos or ()]
+    texts = self._expand(texts, VIDEO_TOKEN, [int(np.prod(g)) // unit for _, g, _ in video_patches], "video")
+    if video_patches:
+      out["pixel_values_videos"] = np.concatenate([p for p, _, _ in video_patches])
+      out["video_grid_thw"] = np.array([g for _, g, _ in video_patches], np.int64)
+      out["second_per_grid_ts"] = np.array([s for _, _, s in video_patches], np.float32)
+    rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if max_length is not None:
+      for i, row in enumerate(rows):
+        if len(row) > max_length:
+          raise PromptTooLongError(f"prompt {i} has {len(row)} tokens (images and videos expanded), more than "
+                                   f"max_length={max_length}; shorten it, lower the image max_pixels, or raise "
+                                   "the limit")
+    out["input_ids"], out["attention_mask"] = left_pad(rows, self.tokenizer.pad_token_id)
+    return out
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Rows of token ids -> left-padded ids and attention mask, [B, length] int32 (length defaults to the longest)."""
+  length = length or max(len(r) for r in rows)
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    if row:
+      ids[i, length - len(row):] = row
+      mask[i, length - len(row):] = 1
+  return ids, mask

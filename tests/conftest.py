@@ -1,0 +1,35 @@
+"""Test set-up: 8 simulated CPU devices, offline Hugging Face, JAX's persistent compilation cache."""
+
+import os
+from pathlib import Path
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+  """Saves tiny random transformers models on first use: hf_checkpoints(tied=..., kv_heads=...) -> (dir, model)."""
+  from tests import hf_reference
+  cache = {}
+
+  def get(tied: bool = False, kv_heads: int = 2):
+    key = (tied, kv_heads)
+    if key not in cache:
+      model = hf_reference.tiny_model(hf_reference.tiny_config(tied=tied, kv_heads=kv_heads), seed=len(cache))
+      path = tmp_path_factory.mktemp(f"hf_tied{int(tied)}_kv{kv_heads}")
+      model.save_pretrained(path)
+      cache[key] = (path, model)
+    return cache[key]
+
+  return get
