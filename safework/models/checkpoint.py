@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -27,7 +26,6 @@ from safework.models.config import ModelConfig, from_hf_dict, to_hf_dict
 from safework.models.hf_keys import IGNORED_KEYS, HfTensor, canonical_key, hf_tensor_map
 from safework.models.qwen2_5_vl import Qwen25VL, init_params
 
-log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -94,7 +92,7 @@ def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dic
   table = hf_tensor_map(model.config)
   by_key = {entry.key: param for param, entry in table.items()}
   flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
-  loaded, unexpected, mismatched = {}, [], []
+  loaded, unexpected, mismatched = {}, [], {}
   for file in safetensors_files(path):
     with safe_open(file, framework="np") as f:
       for raw_key in f.keys():
@@ -107,12 +105,12 @@ def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dic
         param, entry = by_key[key], table[by_key[key]]
         shape = tuple(f.get_slice(raw_key).get_shape())
         if shape != entry.shape:
-          mismatched.append(f"{raw_key}: checkpoint {shape}, model expects {entry.shape}")
+          mismatched[param] = f"{raw_key}: checkpoint {shape}, model expects {entry.shape}"
           continue
         target = targets[param]
         value = entry.to_ours(f.get_tensor(raw_key), target.shape).astype(target.dtype)
         loaded[param] = _place(value, flat_shardings.get(param))
-  missing = [table[p].key for p in table if p not in loaded]
+  missing = [table[p].key for p in table if p not in loaded and p not in mismatched]
   problems = []
   if missing:
     hint = (" (the checkpoint may tie its embeddings: check tie_word_embeddings in config.json)"
@@ -121,7 +119,7 @@ def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dic
   if unexpected:
     problems.append(f"{len(unexpected)} unexpected tensors (is this a Qwen2.5-VL checkpoint?): {unexpected}")
   if mismatched:
-    problems.append(f"{len(mismatched)} tensors with the wrong shape: {mismatched}")
+    problems.append(f"{len(mismatched)} tensors with the wrong shape: {list(mismatched.values())}")
   if problems:
     raise CheckpointError(f"checkpoint {path} does not match the model of its config.json:\n  " +
                           "\n  ".join(problems))
@@ -199,8 +197,3 @@ def save_pretrained(path: str | Path, model: Qwen25VL, params: dict, dtype=None,
         shutil.copy2(Path(assets_from) / name, path / name)
   return path
 
-
-def iter_checkpoint_keys(path: str | Path) -> Iterator[str]:
-  for file in safetensors_files(path):
-    with safe_open(file, framework="np") as f:
-      yield from f.keys()

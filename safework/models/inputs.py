@@ -11,7 +11,7 @@ import numpy as np
 
 from safework.models.config import ModelConfig
 from safework.models.rope_index import get_rope_index
-from safework.models.vision_layout import VisionLayout, num_patches, vision_layout
+from safework.models.vision_layout import VisionLayout, num_patches, validate_grid, vision_layout
 
 
 @flax.struct.dataclass
@@ -59,8 +59,11 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, image_grid_
   mask = _concrete(attention_mask, "attention_mask")
   if mask is not None and mask.shape != ids.shape:
     raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+  merge = cfg.vision.spatial_merge_size
   image_grid = _concrete(image_grid_thw, "image_grid_thw")
+  image_grid = None if image_grid is None else validate_grid(image_grid, merge, "image_grid_thw")
   video_grid = _concrete(video_grid_thw, "video_grid_thw")
+  video_grid = None if video_grid is None else validate_grid(video_grid, merge, "video_grid_thw")
   if (pixel_values is None) != (image_grid is None):
     raise ValueError("pixel_values and image_grid_thw must be given together")
   if (pixel_values_videos is None) != (video_grid is None):
@@ -73,7 +76,7 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, image_grid_
                      f"{0 if video_grid is None else len(video_grid)} videos")
   positions, deltas = get_rope_index(
       ids, mask, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-      spatial_merge_size=cfg.vision.spatial_merge_size, tokens_per_second=cfg.vision.tokens_per_second,
+      spatial_merge_size=merge, tokens_per_second=cfg.vision.tokens_per_second,
       image_grid_thw=image_grid, video_grid_thw=video_grid, second_per_grid_ts=seconds)
   return PreparedInputs(
       positions=positions, rope_deltas=deltas,
