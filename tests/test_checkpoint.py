@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def test_export_round_trip_through_transformers(hf_checkpoints, tmp_path):
   (src / "tokenizer_config.json").write_text("{}")   # an asset that must travel with the export
   cfg = load_config(src)
   model = Qwen25VL(cfg)
-  params = jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(init_params(model, jax.random.key(3))))
+  params = jax.tree.map(np.asarray, nn.meta.unbox(jax.jit(init_params, static_argnums=0)(model, jax.random.key(3))))
   out = save_pretrained(tmp_path / "export", model, params, assets_from=src)
   assert (out / "tokenizer_config.json").is_file()
   hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()

@@ -111,7 +111,7 @@ def dummy_inputs(cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def init_params(model: Qwen25VL, rng: jax.Array):
-  """Randomly initialised parameters (boxed with their logical axes)."""
+  """Randomly initialised parameters (boxed with their logical axes); jit-able (the dummy inputs are constants)."""
   return model.init(rng, **dummy_inputs(model.config))["params"]
 
 
