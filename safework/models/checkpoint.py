@@ -1,7 +1,8 @@
 """Hugging Face checkpoints in and out: `config.json` plus safetensors (single file or sharded with an index).
 
-Weights are read with `safetensors` only (never pickle), converted tensor by tensor and placed on device at once
-(into its sharding when one is given), so the host never holds a second full copy of the model. Every problem
+Weights are read with `safetensors` only (never pickle), converted tensor by tensor and placed on device at once,
+so the host never holds a second full copy of the model. With shardings, each device's part of a tensor is read
+from the file on its own (a host of a pod reads only the rows its devices hold). Every problem
 with a checkpoint (missing, unexpected or mis-shaped tensors) is collected and reported in one error.
 """
 
@@ -76,10 +77,11 @@ def _flat(tree) -> dict[tuple[str, ...], Any]:
   return traverse_util.flatten_dict(nn.meta.unbox(tree))
 
 
-def _place(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+def _place(entry: HfTensor, reader, shape: tuple[int, ...], dtype, sharding) -> jax.Array:
+  """Our parameter, converted from the checkpoint; with a sharding, each device's part is read on its own."""
   if sharding is None:
-    return jnp.asarray(array)
-  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    return jnp.asarray(entry.read(reader, shape).astype(dtype))
+  return jax.make_array_from_callback(shape, sharding, lambda box: entry.read(reader, shape, box).astype(dtype))
 
 
 def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dict:
@@ -108,8 +110,7 @@ def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dic
           mismatched[param] = f"{raw_key}: checkpoint {shape}, model expects {entry.shape}"
           continue
         target = targets[param]
-        value = entry.to_ours(f.get_tensor(raw_key), target.shape).astype(target.dtype)
-        loaded[param] = _place(value, flat_shardings.get(param))
+        loaded[param] = _place(entry, f.get_slice(raw_key), target.shape, target.dtype, flat_shardings.get(param))
   missing = [table[p].key for p in table if p not in loaded and p not in mismatched]
   problems = []
   if missing:

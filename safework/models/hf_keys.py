@@ -25,11 +25,29 @@ class HfTensor:
   key: str
   shape: tuple[int, ...]        # shape in the checkpoint
   num_in: int | None = None     # None: same values, only reshaped; else a transposed Linear/Conv weight
+                                # whose first `num_in` kernel dimensions are inputs
 
-  def to_ours(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  def read(self, reader, shape: tuple[int, ...], box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """Reads the part `box` of our parameter of `shape` from a safetensors slice `reader`, touching only the
+    checkpoint rows (and, for 2D tensors, columns) that the box needs: each host of a pod reads its shards only.
+    """
+    ranges = [np.arange(*s.indices(n)) for s, n in zip(box or (slice(None),) * len(shape), shape)]
+    box_shape = tuple(len(r) for r in ranges)
     if self.num_in is None:
-      return w.reshape(shape)
-    return w.reshape(self.shape[0], -1).T.reshape(shape)
+      if self.shape == tuple(shape):
+        return np.asarray(reader[tuple(slice(r[0], r[-1] + 1) for r in ranges)])
+      flat = np.ravel_multi_index(np.ix_(*ranges), shape).reshape(-1)
+      return np.asarray(reader[flat.min():flat.max() + 1])[flat - flat.min()].reshape(box_shape)
+    n = self.num_in
+    cols = np.ravel_multi_index(np.ix_(*ranges[:n]), shape[:n]).reshape(-1)
+    rows = np.ravel_multi_index(np.ix_(*ranges[n:]), shape[n:]).reshape(-1)
+    r0, c0 = rows.min(), cols.min()
+    if len(self.shape) == 2:
+      block = np.asarray(reader[r0:rows.max() + 1, c0:cols.max() + 1])
+    else:   # a conv kernel: rows are output channels, the rest flattens into columns
+      block = np.asarray(reader[r0:rows.max() + 1]).reshape(-1, math.prod(self.shape[1:]))[:, c0:cols.max() + 1]
+    picked = block[rows - r0][:, cols - c0].reshape(box_shape[n:] + box_shape[:n])
+    return picked.transpose(tuple(range(len(shape) - n, len(shape))) + tuple(range(len(shape) - n)))
 
   def to_hf(self, x: np.ndarray) -> np.ndarray:
     if self.num_in is None:
