@@ -15,7 +15,7 @@ def tiny_config(tied: bool = False, kv_heads: int = 2, vision_depth: int = 4) ->
   return transformers.Qwen2_5_VLConfig(
       text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
-                       rms_norm_eps=1e-6, tie_word_embeddings=tied,
+                       rms_norm_eps=1e-6, tie_word_embeddings=tied, initializer_range=0.1,
                        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
                        bos_token_id=PAD, eos_token_id=IM_END, pad_token_id=PAD),
       vision_config=dict(depth=vision_depth, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,

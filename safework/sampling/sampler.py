@@ -1,0 +1,234 @@
+"""On-device generation: jitted prefill, extension by a token block, and a `lax.while_loop` decode.
+
+The caller owns the state. A `Prefix` holds the KV cache (keys already rotated, indexed by slot), which slots
+hold valid keys, the next slot to write, each row's next M-RoPE position, and the logits that predict each row's
+next token. `prefill` builds one from a prompt (the vision tower runs once); `extend` appends tokens (a partial or
+human-edited response) without recomputing the prompt; `decode` samples from it, G samples per row sharing one
+prefill (the cache is broadcast, not recomputed), and stops rows on EOS ids or stop sequences, leaving the loop
+when every row is done. The decode loop donates the prefix's buffers unless asked to keep it.
+
+Axis legend: B rows, T prompt (bucket) length, S cache slots, N new tokens, V vocab, K kv heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safework import sharding
+from safework.models.inputs import PreparedInputs, prepare_inputs
+from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.text import KVCache, causal_padding_mask
+from safework.sampling import tokens as token_ops
+from safework.sampling.settings import SamplingSettings
+
+CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+
+
+@flax.struct.dataclass
+class Prefix:
+  """Everything needed to continue generating: caches [B, S, K, H] per layer and the per-row bookkeeping."""
+  caches: tuple[KVCache, ...]
+  key_valid: jax.Array       # [B, S] bool: slots holding a real token
+  write_index: jax.Array     # [] int32: next slot to write (shared by all rows)
+  next_position: jax.Array   # [B] int32: M-RoPE position of each row's next token
+  last_logits: jax.Array     # [B, V] fp32: logits predicting each row's next token
+
+  @property
+  def capacity(self) -> int:
+    return self.key_valid.shape[1]
+
+  def take(self, rows: jax.Array) -> "Prefix":
+    """The prefix of the given rows (e.g. to keep the best of several candidates, or to repeat rows)."""
+    pick = lambda x: jnp.take(x, rows, axis=0)
+    return self.replace(caches=jax.tree.map(pick, self.caches), key_valid=pick(self.key_valid),
+                        next_position=pick(self.next_position), last_logits=pick(self.last_logits))
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  tokens: jax.Array     # [B, N] int32, pad after a row is done
+  logprobs: jax.Array   # [B, N] fp32, policy log-probs of the tokens (0 after done)
+  lengths: jax.Array    # [B] int32, tokens generated per row (stop token included)
+  done: jax.Array       # [B] bool, the row hit an EOS id or a stop sequence
+  prefix: Prefix        # the state after the last token, to continue from
+
+
+def bucket_length(length: int, minimum: int = 16) -> int:
+  """Prompts are padded to the next power of two (at least `minimum`), so few shapes get compiled."""
+  return max(minimum, 1 << max(0, int(length) - 1).bit_length())
+
+
+class Sampler:
+  """Generation for one model; jitted functions are compiled per shape and settings, and reused."""
+
+  def __init__(self, model: Qwen25VL, mesh: jax.sharding.Mesh | None = None,
+               rules: sharding.Rules = sharding.DEFAULT_RULES, cache_dtype=None):
+    self.model = model
+    self.mesh = mesh
+    self.rules = rules
+    self.cache_dtype = cache_dtype or model.dtype
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("capacity",))
+    self._extend = jax.jit(self._extend_fn)
+    self._decode = jax.jit(self._decode_fn, static_argnames=("settings", "num_samples"), donate_argnames=("prefix",))
+    self._decode_keep = jax.jit(self._decode_fn, static_argnames=("settings", "num_samples"))
+
+  # -- sharding -------------------------------------------------------------------------------------------------
+
+  def _constrain(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, sharding.logical_sharding(x.shape, names, self.mesh, self.rules))
+
+  def _constrain_prefix(self, prefix: Prefix) -> Prefix:
+    caches = tuple(KVCache(self._constrain(c.k, CACHE_AXES), self._constrain(c.v, CACHE_AXES)) for c in prefix.caches)
+    return prefix.replace(caches=caches, key_valid=self._constrain(prefix.key_valid, ("batch", None)),
+                          next_position=self._constrain(prefix.next_position, ("batch",)),
+                          last_logits=self._constrain(prefix.last_logits, ("batch", "vocab")))
+
+  # -- the model, one block of tokens at a time ----------------------------------------------------------------
+
+  def _advance(self, params, prefix: Prefix, embeds: jax.Array, positions: jax.Array, valid: jax.Array) -> Prefix:
+    """Writes a block of n tokens (embeds [B, n, D], positions [3, B, n], valid [B, n]) at the write index."""
+    n = embeds.shape[1]
+    key_valid = jax.lax.dynamic_update_slice(prefix.key_valid, valid, (0, prefix.write_index))
+    mask = causal_padding_mask(key_valid, prefix.write_index, n)
+    hidden, caches = self.model.apply({"params": params}, embeds, positions, mask, prefix.caches, prefix.write_index,
+                                      method=Qwen25VL.decode)
+    logits = self.model.apply({"params": params}, hidden[:, -1:], method=Qwen25VL.logits)[:, 0].astype(jnp.float32)
+    wrote = jnp.any(valid, axis=1)
+    return self._constrain_prefix(Prefix(
+        caches=caches, key_valid=key_valid, write_index=prefix.write_index + n,
+        next_position=prefix.next_position + valid.sum(axis=1).astype(jnp.int32),
+        last_logits=jnp.where(wrote[:, None], logits, prefix.last_logits)))
+
+  def _empty_prefix(self, batch: int, capacity: int) -> Prefix:
+    cfg = self.model.config.text
+    shape = (batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
+    zeros = lambda: self._constrain(jnp.zeros(shape, self.cache_dtype), CACHE_AXES)
+    return Prefix(caches=tuple(KVCache(zeros(), zeros()) for _ in range(cfg.num_hidden_layers)),
+                  key_valid=jnp.zeros((batch, capacity), bool), write_index=jnp.zeros((), jnp.int32),
+                  next_position=jnp.zeros(batch, jnp.int32), last_logits=jnp.zeros((batch, cfg.vocab_size), jnp.float32))
+
+  def _prefill_fn(self, params, input_ids, attention_mask, pixel_values, pixel_values_videos, prepared: PreparedInputs,
+                  capacity: int) -> Prefix:
+    apply = functools.partial(self.model.apply, {"params": params})
+    image_features = video_features = None
+    if pixel_values is not None:
+      image_features = apply(pixel_values, prepared.image_layout, method=Qwen25VL.encode_vision)
+    if pixel_values_videos is not None:
+      video_features = apply(pixel_values_videos, prepared.video_layout, method=Qwen25VL.encode_vision)
+    embeds = apply(input_ids, image_features, video_features, method=Qwen25VL.embed)
+    valid = attention_mask.astype(bool)
+    prefix = self._advance(params, self._empty_prefix(input_ids.shape[0], capacity), embeds, prepared.positions, valid)
+    # The next token follows the prompt's largest position (the prompt ends in text: its last position).
+    return prefix.replace(next_position=jnp.max(prepared.positions, axis=(0, 2)) + 1)
+
+  def _extend_fn(self, params, prefix: Prefix, tokens: jax.Array, valid: jax.Array) -> Prefix:
+    embeds = self.model.apply({"params": params}, tokens, method=Qwen25VL.embed)
+    offsets = jnp.cumsum(valid, axis=1) - 1
+    positions = jnp.where(valid, prefix.next_position[:, None] + offsets, 0)
+    return self._advance(params, prefix, embeds, jnp.broadcast_to(positions, (3,) + tokens.shape), valid)
+
+  # -- the decode loop -----------------------------------------------------------------------------------------
+
+  def _decode_fn(self, params, prefix: Prefix, rng: jax.Array, settings: SamplingSettings,
+                 num_samples: int) -> SampleOutput:
+    if num_samples > 1:   # G samples per row share its prefill: repeat the cache rows, do not recompute them
+      prefix = self._constrain_prefix(prefix.take(jnp.repeat(jnp.arange(prefix.key_valid.shape[0]), num_samples)))
+    batch, steps = prefix.key_valid.shape[0], settings.max_new_tokens
+    table = token_ops.stop_table(settings.stop_sequences)
+    window = table.shape[1]
+    eos = jnp.asarray(settings.eos_ids or (-2,), jnp.int32)
+
+    def body(state):
+      step, prefix, history, logprobs, done, rng = state
+      rng, key = jax.random.split(rng)
+      logits = prefix.last_logits
+      if settings.logits_processor is not None:
+        logits = settings.logits_processor(logits, history[:, window - 1:], step)
+      token = token_ops.sample_tokens(key, logits, settings)
+      logprob = token_ops.token_logprobs(prefix.last_logits, token)
+      token = jnp.where(done, settings.pad_id, token)
+      history = history.at[:, window - 1 + step].set(jnp.where(done, token_ops.NO_TOKEN, token))
+      logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+      recent = jax.lax.dynamic_slice_in_dim(history, step, window, axis=1)
+      finished = done | jnp.isin(token, eos) | token_ops.ends_with_stop(recent, table)
+      prefix = self._extend_fn(params, prefix, token[:, None], ~done[:, None])
+      return step + 1, prefix, history, logprobs, finished, rng
+
+    def cond(state):
+      step, _, _, _, done, _ = state
+      return (step < steps) & ~jnp.all(done)
+
+    history = jnp.full((batch, window - 1 + steps), token_ops.NO_TOKEN, jnp.int32)
+    state = (jnp.zeros((), jnp.int32), prefix, self._constrain(history, ("batch", None)),
+             jnp.zeros((batch, steps), jnp.float32), jnp.zeros(batch, bool), rng)
+    _, prefix, history, logprobs, done, _ = jax.lax.while_loop(cond, body, state)
+    generated = history[:, window - 1:]
+    lengths = jnp.sum(generated != token_ops.NO_TOKEN, axis=1).astype(jnp.int32)
+    tokens = jnp.where(generated == token_ops.NO_TOKEN, settings.pad_id, generated)
+    return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, prefix=prefix)
+
+  # -- public API ----------------------------------------------------------------------------------------------
+
+  def prefill(self, params, batch: dict[str, Any], max_new_tokens: int, extra_slots: int = 0,
+              max_prompt_length: int | None = None) -> Prefix:
+    """Runs the prompt (left-padded to a bucket length) and reserves cache room for generation.
+
+    `batch` holds the processor's arrays (input_ids, attention_mask, pixel values and grids). `extra_slots`
+    reserves room for later `extend` calls.
+    """
+    ids = np.asarray(batch["input_ids"])
+    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
+    lengths = mask.sum(axis=1)
+    if max_prompt_length is not None and lengths.max() > max_prompt_length:
+      row = int(lengths.argmax())
+      raise ValueError(f"prompt {row} has {int(lengths[row])} tokens, more than max_prompt_length="
+                       f"{max_prompt_length}; shorten it or raise the limit")
+    if mask[:, -1].min() == 0 and (mask.sum(axis=1) > 0).all():
+      raise ValueError("prompts must be left-padded (the last column holds every row's last token)")
+    length = bucket_length(ids.shape[1])
+    pad = length - ids.shape[1]
+    pad_id = self.model.config.pad_token_id or 0
+    ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_id)
+    mask = np.pad(mask, ((0, 0), (pad, 0)))
+    prepared = prepare_inputs(self.model.config, ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"),
+                              batch.get("second_per_grid_ts"), batch.get("pixel_values"),
+                              batch.get("pixel_values_videos"))
+    return self._prefill(params, ids, mask, batch.get("pixel_values"), batch.get("pixel_values_videos"), prepared,
+                         capacity=length + max_new_tokens + extra_slots)
+
+  def extend(self, params, prefix: Prefix, tokens, valid=None) -> Prefix:
+    """Appends token blocks [B, n] (left-padded per row by `valid`) to a prefix; the prompt is not recomputed."""
+    tokens = np.asarray(tokens, np.int32)
+    valid = np.ones(tokens.shape, bool) if valid is None else np.asarray(valid, bool)
+    width = bucket_length(tokens.shape[1], minimum=1)
+    tokens = np.pad(tokens, ((0, 0), (width - tokens.shape[1], 0)))
+    valid = np.pad(valid, ((0, 0), (width - valid.shape[1], 0)))
+    if int(prefix.write_index) + width > prefix.capacity:
+      raise ValueError(f"the prefix has room for {prefix.capacity - int(prefix.write_index)} more slots, "
+                       f"{width} are needed; prefill with more extra_slots")
+    return self._extend(params, prefix, tokens, valid)
+
+  def decode(self, params, prefix: Prefix, rng: jax.Array, settings: SamplingSettings, num_samples: int = 1,
+             keep_prefix: bool = False) -> SampleOutput:
+    """Samples up to `settings.max_new_tokens` per row (x `num_samples`). Rows are ordered prompt-major."""
+    settings.validate()
+    room = prefix.capacity - int(prefix.write_index)
+    if settings.max_new_tokens > room:
+      raise ValueError(f"the prefix has room for {room} new tokens, max_new_tokens={settings.max_new_tokens}")
+    # With several samples per row the cache grows, so the prefix's buffers cannot be reused anyway.
+    decode = self._decode_keep if keep_prefix or num_samples > 1 else self._decode
+    return decode(params, prefix, rng, settings=settings, num_samples=num_samples)
+
+  def generate(self, params, batch: dict[str, Any], rng: jax.Array, settings: SamplingSettings,
+               num_samples: int = 1) -> SampleOutput:
+    """prefill + decode."""
+    prefix = self.prefill(params, batch, settings.max_new_tokens)
+    return self.decode(params, prefix, rng, settings, num_samples)

@@ -1,0 +1,48 @@
+"""Static settings of the sampler: everything jit treats as a compile-time constant."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+
+# logits [B, V] (fp32), generated tokens so far [B, N], step -> processed logits. Must be hashable (a function).
+LogitsProcessor = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """How to decode.
+
+  temperature 0 is greedy. `top_k` truncates before the cumulative sum of `top_p`, so nucleus sampling never
+  sorts the whole vocabulary; with `top_p < 1` and no `top_k`, the nucleus is searched among the
+  `nucleus_candidates` most likely tokens. `stop_sequences` are token-id sequences that end a row (step
+  delimiters, tool calls); `eos_ids` end a row on one token. Returned log-probs are always those of the policy
+  itself (temperature 1, no truncation), which is what an RL trainer needs.
+  """
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_k: Optional[int] = None
+  top_p: float = 1.0
+  nucleus_candidates: int = 1024
+  eos_ids: tuple[int, ...] = ()
+  stop_sequences: tuple[tuple[int, ...], ...] = ()
+  pad_id: int = 0
+  logits_processor: Optional[LogitsProcessor] = None
+
+  def validate(self) -> "SamplingSettings":
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f"top_k must be positive, got {self.top_k}")
+    if any(len(s) == 0 for s in self.stop_sequences):
+      raise ValueError("stop sequences must not be empty")
+    return self
+
+  def replace(self, **changes) -> "SamplingSettings":
+    return dataclasses.replace(self, **changes).validate()

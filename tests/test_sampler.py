@@ -1,0 +1,199 @@
+"""The sampler against transformers' generate, and its own invariants (log-probs, groups, stops, prefixes, mesh)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from safework import sharding
+from safework.models import forward, from_pretrained
+from safework.models.checkpoint import abstract_params
+from safework.sampling import Sampler, SamplingSettings, bucket_length
+from safework.sampling.tokens import sample_tokens
+from tests import hf_reference as ref
+
+PATCH_DIM = 3 * 2 * 14 * 14
+GREEDY = SamplingSettings(max_new_tokens=10, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def setup(hf_checkpoints):
+  path, hf = hf_checkpoints(tied=False, kv_heads=2)
+  model, params = from_pretrained(path)
+  return hf, model, params, Sampler(model)
+
+
+def _image_batch(grids, text=(10, 11, 12)):
+  ids = np.array([ref.image_prompt(grids, list(text))])
+  return dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=ref.pixels(grids, PATCH_DIM),
+              image_grid_thw=np.array(grids))
+
+
+def _padded_batch():
+  grids = [(1, 4, 6)]
+  long_row = ref.image_prompt(grids, [10, 11, 12, 13])
+  short_row = [ref.IM_START, 15, 16, 17, ref.IM_END, ref.IM_START, 9]
+  ids = np.full((2, len(long_row)), ref.PAD)
+  mask = np.zeros_like(ids)
+  ids[0], mask[0] = long_row, 1
+  ids[1, -len(short_row):], mask[1, -len(short_row):] = short_row, 1
+  return dict(input_ids=ids, attention_mask=mask, pixel_values=ref.pixels(grids, PATCH_DIM), image_grid_thw=np.array(grids))
+
+
+def _hf_greedy(hf, batch, steps):
+  tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+  tensors["mm_token_type_ids"] = torch.from_numpy(ref.token_types(batch["input_ids"]))
+  out = hf.generate(**tensors, max_new_tokens=steps, do_sample=False, repetition_penalty=1.0, eos_token_id=None,
+                    pad_token_id=ref.PAD)
+  return out[:, batch["input_ids"].shape[1]:].numpy()
+
+
+def _video_batch():
+  grids = [(2, 4, 6)]
+  ids = np.array([ref.image_prompt(grids, [10, 11], token=ref.VIDEO)])
+  return dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values_videos=ref.pixels(grids, PATCH_DIM),
+              video_grid_thw=np.array(grids), second_per_grid_ts=np.array([0.5], np.float32))
+
+
+@pytest.mark.parametrize("make_batch", [lambda: _image_batch([(1, 4, 6), (1, 10, 14)]), _video_batch, _padded_batch],
+                         ids=["two_images", "video", "left_padded"])
+def test_greedy_tokens_equal_transformers_generate(setup, make_batch):
+  hf, model, params, sampler = setup
+  batch = make_batch()
+  out = sampler.generate(params, batch, jax.random.key(0), GREEDY)
+  np.testing.assert_array_equal(np.asarray(out.tokens), _hf_greedy(hf, batch, GREEDY.max_new_tokens))
+  assert np.all(np.asarray(out.lengths) == GREEDY.max_new_tokens)
+
+
+def test_logprobs_equal_teacher_forced_forward(setup):
+  _, model, params, sampler = setup
+  batch = _padded_batch()
+  out = sampler.generate(params, batch, jax.random.key(1), SamplingSettings(max_new_tokens=8, temperature=1.0))
+  tokens = np.asarray(out.tokens)
+  full = dict(batch, input_ids=np.concatenate([batch["input_ids"], tokens], 1),
+              attention_mask=np.concatenate([batch["attention_mask"], np.ones_like(tokens)], 1))
+  logits = np.asarray(forward(model, params, **full), np.float64)
+  prompt_len = batch["input_ids"].shape[1]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+      logits.max(-1, keepdims=True)
+  expected = np.take_along_axis(logp[:, prompt_len - 1:-1], tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("settings", [
+    SamplingSettings(temperature=0.7),
+    SamplingSettings(temperature=1.0, top_k=4),
+    SamplingSettings(temperature=1.3, top_p=0.8),
+    SamplingSettings(temperature=0.9, top_k=5, top_p=0.6),
+])
+def test_sampling_distribution_matches_the_truncated_softmax(settings):
+  logits = jnp.asarray([[2.0, 1.5, 1.2, 0.3, 0.0, -0.4, -1.0, -2.5]])
+  draws = 40_000
+  keys = jax.random.split(jax.random.key(7), draws)
+  tokens = jax.jit(jax.vmap(lambda k: sample_tokens(k, logits, settings)[0]))(keys)
+  empirical = np.bincount(np.asarray(tokens), minlength=8) / draws
+  # The reference distribution, computed independently in numpy: temperature, then top-k, then nucleus.
+  scaled = np.asarray(logits[0], np.float64) / settings.temperature
+  order = np.argsort(-scaled)
+  keep = np.zeros(8, bool)
+  keep[order[:settings.top_k or 8]] = True
+  p = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
+  p /= p.sum()
+  mass = 0.0
+  for i in order:
+    if mass >= settings.top_p:
+      p[i] = 0.0
+    mass += p[i]
+  p /= p.sum()
+  # Total variation: with 40k draws over 8 tokens the sampling error is below 0.01 (about 5 sigma); the margin
+  # is 0.015. Tokens outside the truncation are never drawn.
+  assert 0.5 * np.abs(empirical - p).sum() < 0.015
+  assert np.all(empirical[p == 0] == 0)
+
+
+def test_group_samples_share_one_prefill_and_equal_repeated_prompts(setup):
+  _, _, params, sampler = setup
+  batch, groups = _padded_batch(), 3
+  settings = SamplingSettings(max_new_tokens=6, temperature=1.0)
+  grouped = sampler.generate(params, batch, jax.random.key(3), settings, num_samples=groups)
+  repeated = {k: np.repeat(v, groups, axis=0) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+  repeated.update(pixel_values=np.concatenate([batch["pixel_values"]] * groups),
+                  image_grid_thw=np.repeat(batch["image_grid_thw"], groups, axis=0))
+  plain = sampler.generate(params, repeated, jax.random.key(3), settings)
+  np.testing.assert_array_equal(np.asarray(grouped.tokens), np.asarray(plain.tokens))
+  np.testing.assert_allclose(np.asarray(grouped.logprobs), np.asarray(plain.logprobs), atol=1e-5)
+  assert len(set(map(tuple, np.asarray(grouped.tokens)[:groups]))) > 1   # the samples of one prompt differ
+
+
+def test_eos_stop_sequences_and_early_exit(setup):
+  _, _, params, sampler = setup
+  batch = _padded_batch()
+  free = np.asarray(sampler.generate(params, batch, jax.random.key(0), GREEDY).tokens)
+  stop = tuple(int(t) for t in free[0, 2:4])   # row 0 stops after its 4th token
+  eos = int(free[1, 1])                        # row 1 stops at its 2nd token
+  settings = GREEDY.replace(stop_sequences=(stop,), eos_ids=(eos,))
+  out = sampler.generate(params, batch, jax.random.key(0), settings)
+  lengths = np.asarray(out.lengths)
+  first_stop = min(i for i in range(3, 10) if tuple(free[0, i - 1:i + 1]) == stop or free[0, i] == eos)
+  assert lengths[1] == 2 and lengths[0] == first_stop + 1 and np.all(np.asarray(out.done))
+  np.testing.assert_array_equal(np.asarray(out.tokens)[0, :lengths[0]], free[0, :lengths[0]])
+  assert np.all(np.asarray(out.tokens)[1, 2:] == GREEDY.pad_id) and np.all(np.asarray(out.logprobs)[1, 2:] == 0)
+  # The loop left early: it ran as many steps as the longest row needed, not max_new_tokens.
+  steps = int(out.prefix.write_index) - bucket_length(batch["input_ids"].shape[1])
+  assert steps == lengths.max() < GREEDY.max_new_tokens
+
+
+def test_continuing_from_a_prefix_equals_generating_in_one_go(setup):
+  _, _, params, sampler = setup
+  batch = _padded_batch()
+  whole = np.asarray(sampler.generate(params, batch, jax.random.key(0), GREEDY).tokens)
+  prefix = sampler.prefill(params, batch, max_new_tokens=GREEDY.max_new_tokens, extra_slots=4)
+  # Row 0 continues after 4 tokens; row 1 after 2 (left-padded block).
+  block, valid = whole[:, :4].copy(), np.ones((2, 4), bool)
+  block[1, :2], block[1, 2:], valid[1, :2] = 0, whole[1, :2], False
+  resumed = sampler.decode(params, sampler.extend(params, prefix, block, valid), jax.random.key(0),
+                           GREEDY.replace(max_new_tokens=6))
+  np.testing.assert_array_equal(np.asarray(resumed.tokens)[0], whole[0, 4:10])
+  np.testing.assert_array_equal(np.asarray(resumed.tokens)[1], whole[1, 2:8])
+  # An edited prefix changes what follows, and decoding the edit matches a fresh prompt that contains it.
+  edited = np.array([[20, 21], [22, 23]])
+  via_extend = sampler.decode(params, sampler.extend(params, prefix, edited), jax.random.key(0),
+                              GREEDY.replace(max_new_tokens=5))
+  fresh = dict(batch, input_ids=np.concatenate([batch["input_ids"], edited], 1),
+               attention_mask=np.concatenate([batch["attention_mask"], np.ones_like(edited)], 1))
+  via_prompt = sampler.generate(params, fresh, jax.random.key(0), GREEDY.replace(max_new_tokens=5))
+  np.testing.assert_array_equal(np.asarray(via_extend.tokens), np.asarray(via_prompt.tokens))
+
+
+def test_same_outputs_on_a_mesh(setup, hf_checkpoints):
+  _, _, params, sampler = setup
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+  path, _ = hf_checkpoints(tied=False, kv_heads=2)
+  model, sharded = from_pretrained(
+      path, shardings=lambda m: sharding.param_shardings(abstract_params(m), mesh, sharding.DEFAULT_RULES))
+  batch = _padded_batch()
+  settings = SamplingSettings(max_new_tokens=6, temperature=1.0)
+  expected = sampler.generate(params, batch, jax.random.key(5), settings, num_samples=2)
+  with jax.set_mesh(mesh):
+    out = Sampler(model, mesh=mesh).generate(sharded, batch, jax.random.key(5), settings, num_samples=2)
+  assert out.prefix.caches[0].k.sharding.spec[0] == "data"
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
+  np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected.logprobs), atol=1e-5)
+
+
+def test_bad_requests(setup):
+  _, _, params, sampler = setup
+  batch = _padded_batch()
+  with pytest.raises(ValueError, match="more than max_prompt_length"):
+    sampler.prefill(params, batch, max_new_tokens=4, max_prompt_length=8)
+  prefix = sampler.prefill(params, batch, max_new_tokens=4)
+  with pytest.raises(ValueError, match="room for 4 new tokens"):
+    sampler.decode(params, prefix, jax.random.key(0), GREEDY)
+  with pytest.raises(ValueError, match="extra_slots"):
+    sampler.extend(params, prefix, np.ones((2, 8), np.int32))
+  right_padded = dict(batch, input_ids=batch["input_ids"][:, ::-1].copy(), attention_mask=batch["attention_mask"][:, ::-1])
+  with pytest.raises(ValueError, match="left-padded"):
+    sampler.prefill(params, right_padded, max_new_tokens=4)
+  with pytest.raises(ValueError, match="top_p"):
+    GREEDY.replace(top_p=0.0)
