@@ -33,3 +33,22 @@ def hf_checkpoints(tmp_path_factory):
     return cache[key]
 
   return get
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+  """A byte-level BPE tokenizer whose special ids match tests/hf_reference.py."""
+  from safework.processing import train_tokenizer
+  corpus = ["describe the picture please", "a cat sits on a mat", "what colour is the square?",
+            "<think>let me think</think> the answer is 4"] * 10
+  return train_tokenizer(corpus, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(hf_checkpoints, tiny_tokenizer, tmp_path_factory):
+  """A tiny checkpoint directory with weights, config and a tokenizer: what a user points the tools at."""
+  src, hf = hf_checkpoints(tied=False, kv_heads=2)
+  path = tmp_path_factory.mktemp("chat_checkpoint")
+  hf.save_pretrained(path)
+  tiny_tokenizer.save_pretrained(path)
+  return path

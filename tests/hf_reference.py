@@ -8,7 +8,7 @@ import transformers
 
 # Token ids of the tiny reference vocabulary.
 PAD, IM_START, IM_END, VISION_START, VISION_END, IMAGE, VIDEO = 0, 1, 2, 3, 4, 6, 7
-VOCAB = 96
+VOCAB = 320   # room for a byte-level BPE tokenizer (256 bytes + specials + merges)
 
 
 def tiny_config(tied: bool = False, kv_heads: int = 2, vision_depth: int = 4) -> transformers.Qwen2_5_VLConfig:
