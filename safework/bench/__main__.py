@@ -1,0 +1,43 @@
+"""Benchmarks: `python -m safework.bench {sampler,train,verifiers} [flags]`.
+
+Each prints one JSON object per measured configuration: throughput, ratios to the measured roofline of the
+device, and, where PyTorch is installed, the same run of the transformers peer.
+"""
+
+import argparse
+import importlib.util
+import json
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(prog="python -m safework.bench")
+  sub = parser.add_subparsers(dest="bench", required=True)
+  sampler = sub.add_parser("sampler", help="prefill/decode tokens/s of the on-device sampler")
+  sampler.add_argument("--preset", default="tiny")
+  sampler.add_argument("--batch", type=int, default=4)
+  sampler.add_argument("--group", type=int, default=2)
+  sampler.add_argument("--prompt_len", type=int, default=64)
+  sampler.add_argument("--gen_len", type=int, default=64)
+  sampler.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  sampler.add_argument("--no_peer", action="store_true", help="skip the transformers generate peer")
+  args = parser.parse_args()
+
+  from safework.bench import roofline
+  import jax.numpy as jnp
+  ceilings = roofline.measure(jnp.dtype(args.dtype))
+  print(json.dumps({"ceilings": {"device": ceilings.device, "bandwidth_GBps": ceilings.bandwidth / 1e9,
+                                 "matmul_TFLOPs": ceilings.matmul_rate / 1e12}}))
+  if args.bench == "sampler":
+    from safework.bench import sampler as bench
+    shape = (args.preset, args.batch, args.group, args.prompt_len, args.gen_len, args.dtype)
+    result = bench.run(*shape, ceilings=ceilings)
+    if not args.no_peer and importlib.util.find_spec("torch") is not None:
+      peer = bench.transformers_peer(*shape)
+      if peer:
+        result["transformers"] = peer
+        result["speedup_vs_transformers"] = result["decode_tokens_per_s"] / peer["decode_tokens_per_s"]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,14 @@
+"""The benchmark scripts run and report their fields (no timing is asserted: speed is measured, not tested)."""
+
+import jax.numpy as jnp
+
+from safework.bench import roofline, sampler
+
+
+def test_sampler_benchmark_reports_roofline_ratios():
+  ceilings = roofline.measure(jnp.float32)
+  assert ceilings.bandwidth > 0 and ceilings.matmul_rate > 0
+  result = sampler.run("tiny", batch=2, group=2, prompt_len=16, gen_len=8, dtype="float32", ceilings=ceilings)
+  for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_bandwidth_ratio", "decode_roofline_ratio",
+              "prefill_mfu"):
+    assert result[key] > 0
