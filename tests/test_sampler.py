@@ -1,5 +1,6 @@
 """The sampler against transformers' generate, and its own invariants (log-probs, groups, stops, prefixes, mesh)."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -197,3 +198,22 @@ def test_bad_requests(setup):
     sampler.prefill(params, right_padded, max_new_tokens=4)
   with pytest.raises(ValueError, match="top_p"):
     GREEDY.replace(top_p=0.0)
+
+
+def _ban_and_force(banned, forced, logits, history, step):
+  """Bans one token everywhere and forces another at step 2."""
+  logits = logits.at[:, banned].set(-jnp.inf)
+  return jnp.where(step == 2, jnp.full_like(logits, -jnp.inf).at[:, forced].set(0.0), logits)
+
+
+def test_logits_processor_hook_masks_tokens(setup):
+  _, _, params, sampler = setup
+  batch = _image_batch([(1, 4, 6)])
+  free = np.asarray(sampler.generate(params, batch, jax.random.key(0), GREEDY).tokens)
+  banned, forced = int(free[0, 0]), int(free[0, 2]) + 1   # the unconstrained output starts with the banned token
+  hook = functools.partial(_ban_and_force, banned, forced)
+  out = sampler.generate(params, batch, jax.random.key(0), GREEDY.replace(logits_processor=hook))
+  tokens = np.asarray(out.tokens)
+  assert banned not in tokens and tokens[0, 2] == forced
+  # Log-probs stay those of the policy, not of the processed distribution.
+  assert np.all(np.asarray(out.logprobs) < 0)
