@@ -1,0 +1,86 @@
+"""Token log-probs of a sequence batch under a policy, computed from hidden states in sequence chunks.
+
+The [B, T, V] logits are never materialised: a scan over chunks of the time axis computes [B, c, V] at a time,
+and each chunk is rematerialised in the backward pass, so peak memory holds one chunk's logits.
+
+Axis legend: B sequences, L full length (prompt bucket P + response N), T time, c chunk, D hidden, V vocab,
+M vision features.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.text import causal_padding_mask
+
+
+@flax.struct.dataclass
+class SequenceBatch:
+  """Prompt + response rows for the loss. Vision features are looked up by `feature_index` (-1: none).
+
+  input_ids, attention_mask, feature_index: [B, L]; positions: [3, B, L]; loss_mask, old_logp, ref_logp,
+  sampler_logp: [B, N] over the response part; advantages: [B].
+  """
+  input_ids: jax.Array
+  attention_mask: jax.Array
+  positions: jax.Array
+  feature_index: jax.Array
+  loss_mask: jax.Array
+  advantages: jax.Array
+  old_logp: jax.Array
+  ref_logp: jax.Array
+  sampler_logp: jax.Array
+
+  @property
+  def response_length(self) -> int:
+    return self.loss_mask.shape[1]
+
+
+def chunked_token_logprobs(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,
+                           chunk: int) -> tuple[jax.Array, jax.Array]:
+  """log p(targets) and the entropy of each position's distribution, from hidden [B, T, D] -> ([B, T], [B, T])."""
+  b, t, d = hidden.shape
+  chunk = min(chunk, t)
+  pad = -t % chunk
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  n = (t + pad) // chunk
+  hidden_chunks = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
+  target_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)
+  weights = output_embedding.astype(hidden.dtype)
+
+  @jax.checkpoint
+  def one_chunk(h, y):
+    logits = jnp.einsum("bcd,vd->bcv", h, weights).astype(jnp.float32)
+    normalizer = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - normalizer
+    probs = jax.lax.stop_gradient(jnp.exp(logits - normalizer[..., None]))
+    entropy = normalizer - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
+    return logp, jax.lax.stop_gradient(entropy)
+
+  _, (logp, entropy) = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (hidden_chunks, target_chunks))
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+  return unchunk(logp), unchunk(entropy)
+
+
+def response_logprobs(model: Qwen25VL, params, batch: SequenceBatch, features: jax.Array | None,
+                      chunk: int) -> tuple[jax.Array, jax.Array]:
+  """Log-probs and entropies [B, N] of each row's response tokens under `params`."""
+  apply = functools.partial(model.apply, {"params": params})
+  embeds = apply(batch.input_ids, method=Qwen25VL.embed)
+  if features is not None:
+    has_feature = batch.feature_index >= 0
+    looked_up = features[jnp.maximum(batch.feature_index, 0)].astype(embeds.dtype)
+    embeds = jnp.where(has_feature[..., None], looked_up, embeds)
+  length = batch.input_ids.shape[1]
+  mask = causal_padding_mask(batch.attention_mask, 0, length)
+  hidden, _ = apply(embeds, batch.positions, mask, method=Qwen25VL.decode)
+  n = batch.response_length
+  # Position P - 1 + j predicts response token j.
+  return chunked_token_logprobs(hidden[:, length - n - 1:length - 1], apply(method=Qwen25VL.output_embedding),
+                                batch.input_ids[:, length - n:], chunk)
