@@ -19,6 +19,7 @@ RUNTIME = [
     "numpy>=2.0",
     "pillow>=11",
     "tqdm>=4.66",
+    "tensorboardX>=2.6",   # TensorBoard event files without TensorFlow
 ]
 
 setup(

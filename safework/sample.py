@@ -64,7 +64,8 @@ def main(argv):
   settings = SamplingSettings(
       max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
       eos_ids=tuple(sorted({*eos_ids, tokenizer.eos_token_id} - {None})),
-      stop_sequences=stop_sequences(tokenizer, _STOP.value), pad_id=tokenizer.pad_token_id).validate()
+      stop_sequences=stop_sequences(tokenizer, _STOP.value), pad_id=tokenizer.pad_token_id,
+      vocab_limit=len(tokenizer)).validate()
   logging.info("prompt of %d tokens; generating up to %d", batch["input_ids"].shape[1], settings.max_new_tokens)
   output = Sampler(model).generate(params, batch, jax.random.key(_SEED.value), settings)
   sys.stdout.write(decode_rows(tokenizer, output, _STOP.value)[0] + "\n")

@@ -11,34 +11,12 @@ from __future__ import annotations
 
 import functools
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from safework.models.qwen2_5_vl import Qwen25VL
 from safework.models.text import causal_padding_mask
-
-
-@flax.struct.dataclass
-class SequenceBatch:
-  """Prompt + response rows for the loss. Vision features are looked up by `feature_index` (-1: none).
-
-  input_ids, attention_mask, feature_index: [B, L]; positions: [3, B, L]; loss_mask, old_logp, ref_logp,
-  sampler_logp: [B, N] over the response part; advantages: [B].
-  """
-  input_ids: jax.Array
-  attention_mask: jax.Array
-  positions: jax.Array
-  feature_index: jax.Array
-  loss_mask: jax.Array
-  advantages: jax.Array
-  old_logp: jax.Array
-  ref_logp: jax.Array
-  sampler_logp: jax.Array
-
-  @property
-  def response_length(self) -> int:
-    return self.loss_mask.shape[1]
+from safework.rl.batch import SequenceBatch
 
 
 def chunked_token_logprobs(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,
@@ -79,7 +57,7 @@ def response_logprobs(model: Qwen25VL, params, batch: SequenceBatch, features: j
     embeds = jnp.where(has_feature[..., None], looked_up, embeds)
   length = batch.input_ids.shape[1]
   mask = causal_padding_mask(batch.attention_mask, 0, length)
-  hidden, _ = apply(embeds, batch.positions, mask, method=Qwen25VL.decode)
+  hidden, _ = apply(embeds, batch.positions.transpose(1, 0, 2), mask, method=Qwen25VL.decode)
   n = batch.response_length
   # Position P - 1 + j predicts response token j.
   return chunked_token_logprobs(hidden[:, length - n - 1:length - 1], apply(method=Qwen25VL.output_embedding),

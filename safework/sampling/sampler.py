@@ -150,6 +150,8 @@ class Sampler:
       step, prefix, history, logprobs, done, rng = state
       rng, key = jax.random.split(rng)
       logits = prefix.last_logits
+      if settings.vocab_limit is not None:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < settings.vocab_limit, logits, -jnp.inf)
       if settings.logits_processor is not None:
         logits = settings.logits_processor(logits, history[:, window - 1:], step)
       token = token_ops.sample_tokens(key, logits, settings)

@@ -17,7 +17,8 @@ class SamplingSettings:
 
   temperature 0 is greedy. `top_k` truncates before the cumulative sum of `top_p`, so nucleus sampling never
   sorts the whole vocabulary; with `top_p < 1` and no `top_k`, the nucleus is searched among the
-  `nucleus_candidates` most likely tokens. `stop_sequences` are token-id sequences that end a row (step
+  `nucleus_candidates` most likely tokens. `vocab_limit` masks the padding rows of the vocabulary (a checkpoint's
+embedding has more rows than its tokenizer has tokens). `stop_sequences` are token-id sequences that end a row (step
   delimiters, tool calls); `eos_ids` end a row on one token. Returned log-probs are always those of the policy
   itself (temperature 1, no truncation), which is what an RL trainer needs.
   """
@@ -29,6 +30,7 @@ class SamplingSettings:
   eos_ids: tuple[int, ...] = ()
   stop_sequences: tuple[tuple[int, ...], ...] = ()
   pad_id: int = 0
+  vocab_limit: Optional[int] = None   # ids >= this are never drawn (embedding rows beyond the tokenizer)
   logits_processor: Optional[LogitsProcessor] = None
 
   def validate(self) -> "SamplingSettings":

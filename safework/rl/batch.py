@@ -1,0 +1,107 @@
+"""Rollouts as training rows: prompt + response sequences, their masks, log-probs and vision inputs.
+
+Host-side (numpy) assembly: each prompt's G responses become G rows `[prompt bucket | response]`. Positions of
+the response continue from the prompt's last M-RoPE position, exactly as the sampler assigned them. Vision
+features are computed once per rollout for the unique prompts; rows find their placeholders' features through
+`feature_index`, so the G copies of a prompt never rerun the vision tower.
+
+Axis legend: P prompts, G samples per prompt, B = P * G rows, Lp prompt bucket, N response length, L = Lp + N.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safework.models.inputs import PreparedInputs
+from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.vision_layout import VisionLayout
+
+
+@flax.struct.dataclass
+class SequenceBatch:
+  """Prompt + response rows for the loss. Vision features are looked up by `feature_index` (-1: none).
+
+  input_ids, attention_mask, feature_index: [B, L]; positions: [B, 3, L] (batch first, so every field splits
+  into micro-batches alike); loss_mask, old_logp, ref_logp, sampler_logp: [B, N] over the response part;
+  advantages: [B].
+  """
+  input_ids: jax.Array
+  attention_mask: jax.Array
+  positions: jax.Array
+  feature_index: jax.Array
+  loss_mask: jax.Array
+  advantages: jax.Array
+  old_logp: jax.Array
+  ref_logp: jax.Array
+  sampler_logp: jax.Array
+
+  @property
+  def response_length(self) -> int:
+    return self.loss_mask.shape[1]
+
+  def rows(self, index: np.ndarray) -> "SequenceBatch":
+    return jax.tree.map(lambda x: x[index], self)
+
+
+@flax.struct.dataclass
+class VisionInputs:
+  """The unique prompts' pixels and layouts; their features, concatenated (images, then videos), are what
+  `SequenceBatch.feature_index` points into."""
+  pixel_values: Any = None
+  image_layout: VisionLayout | None = None
+  pixel_values_videos: Any = None
+  video_layout: VisionLayout | None = None
+
+  @property
+  def empty(self) -> bool:
+    return self.pixel_values is None and self.pixel_values_videos is None
+
+
+def vision_features(model: Qwen25VL, params, vision: VisionInputs) -> jax.Array | None:
+  """Features [M, D] of all images then all videos of the rollout's prompts (None without vision)."""
+  parts = []
+  if vision.pixel_values is not None:
+    parts.append(model.apply({"params": params}, vision.pixel_values, vision.image_layout,
+                             method=Qwen25VL.encode_vision))
+  if vision.pixel_values_videos is not None:
+    parts.append(model.apply({"params": params}, vision.pixel_values_videos, vision.video_layout,
+                             method=Qwen25VL.encode_vision))
+  return jnp.concatenate(parts) if parts else None
+
+
+def prompt_feature_index(input_ids: np.ndarray, image_token_id: int, video_token_id: int) -> np.ndarray:
+  """[P, Lp]: for each placeholder token, its row among (all image features, then all video features); -1 else."""
+  is_image, is_video = input_ids == image_token_id, input_ids == video_token_id
+  index = np.full(input_ids.shape, -1, np.int32)
+  index[is_image] = np.arange(is_image.sum())
+  index[is_video] = is_image.sum() + np.arange(is_video.sum())
+  return index
+
+
+def build_sequences(prompt_ids: np.ndarray, prompt_mask: np.ndarray, prepared: PreparedInputs,
+                    feature_index: np.ndarray, responses: np.ndarray, response_lengths: np.ndarray,
+                    sampler_logp: np.ndarray, advantages: np.ndarray, loss_mask: np.ndarray | None = None
+                    ) -> SequenceBatch:
+  """Rows [B = P * G] of prompt + response; responses [B, N] are ordered prompt-major (row = p * G + g)."""
+  groups = responses.shape[0] // prompt_ids.shape[0]
+  repeat = lambda x: np.repeat(x, groups, axis=0)
+  n = responses.shape[1]
+  response_valid = np.arange(n)[None] < response_lengths[:, None]
+  next_position = prepared.positions.max(axis=(0, 2)) + 1                          # [P]
+  response_positions = repeat(next_position)[:, None] + np.arange(n)[None]        # [B, N]
+  positions = np.concatenate([repeat(prepared.positions.transpose(1, 0, 2)),
+                              np.broadcast_to(response_positions[:, None], (len(responses), 3, n))], axis=2)
+  loss_mask = response_valid if loss_mask is None else loss_mask & response_valid
+  zeros = np.zeros(responses.shape, np.float32)
+  return SequenceBatch(
+      input_ids=np.concatenate([repeat(prompt_ids), responses], axis=1).astype(np.int32),
+      attention_mask=np.concatenate([repeat(prompt_mask), response_valid], axis=1).astype(bool),
+      positions=positions.astype(np.int32),
+      feature_index=np.concatenate([repeat(feature_index), np.full(responses.shape, -1, np.int32)], axis=1),
+      loss_mask=loss_mask.astype(np.float32), advantages=advantages.astype(np.float32),
+      old_logp=sampler_logp.astype(np.float32), ref_logp=zeros, sampler_logp=sampler_logp.astype(np.float32))
