@@ -16,4 +16,4 @@ $(VENV)/.installed: $(BIN)/activate requirements.txt setup.py
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 tests

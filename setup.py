@@ -33,7 +33,7 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         # The reference implementation the tests compare against, pinned: PyTorch CPU build + transformers.
-        "test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.24.0"],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "transformers==5.24.0"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "gpu": ["jax[cuda13]>=0.10.2"],
         "notebooks": ["nbclient>=0.11", "nbformat>=5.11", "ipykernel>=7.4", "matplotlib>=3.9"],

@@ -12,3 +12,10 @@ def test_sampler_benchmark_reports_roofline_ratios():
   for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_bandwidth_ratio", "decode_roofline_ratio",
               "prefill_mfu"):
     assert result[key] > 0
+
+
+def test_train_benchmark_reports_mfu_and_the_rollout_split():
+  from safework.bench import train
+  result = train.run("tiny", batch=4, prompt_len=16, gen_len=8, dtype="float32", remat="full", micro_batch=2,
+                     ceilings=roofline.measure(jnp.float32), group=2)
+  assert result["mfu"] > 0 and result["train_tokens_per_s"] > 0 and 0 < result["rollout_fraction"] < 1

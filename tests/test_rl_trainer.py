@@ -2,6 +2,9 @@
 
 import os
 import signal
+import subprocess
+import sys
+import time
 import jax
 import numpy as np
 import pytest
@@ -75,3 +78,46 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path, unin
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted_params)
   steps = [r["step"] for r in read_metrics(interrupted)]
   assert steps == sorted(set(steps)) and steps[-1] == 12   # no step logged twice after the resume
+
+
+def test_non_finite_rewards_and_updates_are_reported(tmp_path):
+  nan_reward = lambda examples, responses: toy_digits.reward(examples, responses).__class__(
+      total=np.full(len(responses), np.nan, np.float32), components={})
+  with pytest.raises(FloatingPointError, match="reward 'total' is not finite"):
+    rl_trainer_from_config(_config(rollouts=1), tmp_path / "nan_reward", reward_fn=nan_reward).run()
+  config = _config(rollouts=1, nan_policy="stop")
+  config.optim.learning_rate = 1e30   # the first real update overflows
+  with pytest.raises(FloatingPointError, match="update norm .* nan_policy='stop'"):
+    rl_trainer_from_config(config, tmp_path / "overflow").run()
+  config.train.nan_policy = "skip"
+  state = rl_trainer_from_config(config, tmp_path / "skipped").run()
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_sigterm_from_outside_saves_and_the_same_command_resumes(tmp_path):
+  command = [sys.executable, "-m", "safework.main", "--config=experiments/toy_rl.py:runlocal",
+             f"--workdir={tmp_path}", "--config.train.rollouts=3", "--config.train.progress_bar=False"]
+  process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and len(read_metrics(tmp_path)) < 2 and process.poll() is None:
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=240)
+  assert process.returncode == 0, stderr[-2000:]
+  assert "preempted at step" in stderr
+  saved = Checkpointer(tmp_path / "checkpoints").latest_step()
+  assert saved is not None and 2 <= saved < 12
+  subprocess.run(command, check=True, capture_output=True, timeout=300)
+  assert read_metrics(tmp_path)[-1]["step"] == 12
+
+
+def test_recomputed_old_logprobs_match_the_sampler_and_kl_can_go_in_the_reward(tmp_path):
+  config = _config(rollouts=1)
+  config.rollout.old_logprobs = "recompute"
+  config.loss.kl_in = "reward"
+  config.loss.kl_beta = 0.1
+  rl_trainer_from_config(config, tmp_path).run()
+  first = read_metrics(tmp_path)[0]
+  # Before any update the trainer's recomputed log-probs are the sampler's own (fp32): mismatch ~ 0.
+  assert first["sampler_mismatch_abs"] < 1e-4
+  assert first["reward/with_kl_penalty"] == pytest.approx(first["reward/total"], abs=1e-4)   # ref == policy at start

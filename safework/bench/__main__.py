@@ -20,6 +20,14 @@ def main() -> None:
   sampler.add_argument("--gen_len", type=int, default=64)
   sampler.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   sampler.add_argument("--no_peer", action="store_true", help="skip the transformers generate peer")
+  train = sub.add_parser("train", help="tokens/s and MFU of the RL train step; rollout/train split")
+  train.add_argument("--preset", default="tiny")
+  train.add_argument("--batch", type=int, default=16)
+  train.add_argument("--micro_batch", type=int, default=8)
+  train.add_argument("--prompt_len", type=int, default=64)
+  train.add_argument("--gen_len", type=int, default=64)
+  train.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  train.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
   args = parser.parse_args()
 
   from safework.bench import roofline
@@ -37,6 +45,10 @@ def main() -> None:
         result["transformers"] = peer
         result["speedup_vs_transformers"] = result["decode_tokens_per_s"] / peer["decode_tokens_per_s"]
     print(json.dumps(result))
+  elif args.bench == "train":
+    from safework.bench import train as bench
+    print(json.dumps(bench.run(args.preset, args.batch, args.prompt_len, args.gen_len, args.dtype, args.remat,
+                               args.micro_batch, ceilings)))
 
 
 if __name__ == "__main__":

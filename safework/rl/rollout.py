@@ -116,8 +116,7 @@ def collect(examples: Sequence[Example], params, rng: jax.Array, *, sampler: Sam
   return rollout, responses, metrics
 
 
-def training_rows(rollout: Rollout, processor: Processor, model_config, settings: RolloutSettings
-                  ) -> tuple[SequenceBatch, VisionInputs]:
+def training_rows(rollout: Rollout, model_config) -> tuple[SequenceBatch, VisionInputs]:
   """Host-side training rows and vision inputs of a rollout (advantages must be in it)."""
   prepared = prepare_inputs(model_config, rollout["input_ids"], rollout["attention_mask"],
                             rollout.get("image_grid_thw"), rollout.get("video_grid_thw"),

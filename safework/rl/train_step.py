@@ -2,7 +2,7 @@
 
 `make_train_step` returns a pure function `(state, batch, vision, features) -> (state, metrics)` to jit with the
 state donated. The minibatch's normalisers (sequences and tokens) are global, so summing micro-batch losses gives
-exactly the minibatch loss. A non-finite loss or gradient never reaches the parameters: the update is dropped
+exactly the minibatch loss. A non-finite loss, gradient or update never reaches the parameters: it is dropped
 and `metrics["finite"]` says so; the host then skips or stops as configured.
 
 Axis legend: B rows of the minibatch, m micro-batches, b rows per micro-batch.
@@ -86,13 +86,14 @@ def make_train_step(model: Qwen25VL, tx: optax.GradientTransformation, loss_sett
     init = (zeros, jnp.zeros((), jnp.float32), {k: jnp.zeros((), jnp.float32) for k in sum_names})
     (grads, loss, sums), _ = jax.lax.scan(accumulate, init, _split(batch, settings.micro_batches))
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    update_norm = optax.tree.norm(updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": num_tokens,
+    metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm, "finite": finite, "tokens": num_tokens,
                **{k: v / num_tokens for k, v in sums.items()}}
     return new_state, metrics
 

@@ -127,7 +127,7 @@ class RLTrainer:
     data["advantages"] = np.zeros_like(rewards)
     start = time.perf_counter()
     if self.ref_params is not None or settings.old_logprobs == "recompute":
-      batch, vision = rollouts.training_rows(data, self.processor, self.model.config, settings)
+      batch, vision = rollouts.training_rows(data, self.model.config)
       batch = self._on_device(batch)
       if self.ref_params is not None:
         ref_features = None if vision.empty else self._features(self.ref_params, vision)
@@ -201,7 +201,7 @@ class RLTrainer:
   def _train_on(self, state: TrainState, data: rollouts.Rollout, rollout_index: int, first_minibatch: int,
                 rollout_metrics: dict, checkpointer: Checkpointer, writer: MetricsWriter, progress) -> TrainState:
     settings, train = self.rollout_settings, self.train_settings
-    batch, vision = rollouts.training_rows(data, self.processor, self.model.config, settings)
+    batch, vision = rollouts.training_rows(data, self.model.config)
     vision = jax.device_put(vision, sharding.replicated(self.mesh))
     features = None if vision.empty or self.step_settings.vision_trainable else self._features(state.params, vision)
     order = rollouts.minibatch_order(train.seed, rollout_index, settings)
@@ -213,8 +213,8 @@ class RLTrainer:
       elapsed = time.perf_counter() - start
       step = int(state.step)
       if not metrics["finite"]:
-        message = (f"step {step}: non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}); "
-                   "the update was dropped")
+        message = (f"step {step}: non-finite loss ({metrics['loss']}), gradient norm ({metrics['grad_norm']}) or "
+                   f"update norm ({metrics['update_norm']}); the update was dropped")
         if train.nan_policy == "stop":
           raise FloatingPointError(message + "; nan_policy='stop' ends the run (the last checkpoint is intact)")
         log.warning(message + " (nan_policy='skip')")
