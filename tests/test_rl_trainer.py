@@ -13,6 +13,7 @@ from experiments import toy_rl
 from safework.data import toy_digits
 from safework.checkpointing import Checkpointer
 from safework.metrics_writer import read_metrics
+from safework.rewards.base import Rewards
 from safework.rl.build import rl_trainer_from_config
 from safework.rl.trainer import Preempted
 
@@ -42,13 +43,13 @@ class _Interrupt:
   def __init__(self, at_call: int, crash: bool = False):
     self.calls, self.at_call, self.crash = 0, at_call, crash
 
-  def __call__(self, examples, responses):
+  def __call__(self, examples, responses, lengths):
     self.calls += 1
     if self.calls == self.at_call:
       if self.crash:
         raise RuntimeError("simulated crash")
       os.kill(os.getpid(), signal.SIGTERM)
-    return toy_digits.reward(examples, responses)
+    return toy_digits.reward(examples, responses, lengths)
 
 
 def _final_params(workdir, config):
@@ -81,8 +82,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path, unin
 
 
 def test_non_finite_rewards_and_updates_are_reported(tmp_path):
-  nan_reward = lambda examples, responses: toy_digits.reward(examples, responses).__class__(
-      total=np.full(len(responses), np.nan, np.float32), components={})
+  nan_reward = lambda examples, responses, lengths: Rewards(total=np.full(len(responses), np.nan, np.float32),
+                                                            components={})
   with pytest.raises(FloatingPointError, match="reward 'total' is not finite"):
     rl_trainer_from_config(_config(rollouts=1), tmp_path / "nan_reward", reward_fn=nan_reward).run()
   config = _config(rollouts=1, nan_policy="stop")

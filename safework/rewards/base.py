@@ -12,9 +12,11 @@ from safework.data.example import Example
 
 @dataclasses.dataclass(frozen=True)
 class Rewards:
-  """total [n] and each component [n]; every component is reported as its own metric."""
+  """total [n] and each component [n]; `applicable[name]` marks the rows a component was computed for (all rows
+  when absent), so each component's metric averages over the rows it applies to."""
   total: np.ndarray
   components: dict[str, np.ndarray]
+  applicable: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def check(self, n: int) -> "Rewards":
     arrays = {"total": self.total, **self.components}
@@ -27,6 +29,16 @@ class Rewards:
                                  "fix the reward function (a verifier returning NaN?) before training on it")
     return self
 
+  def means(self) -> dict[str, float]:
+    """Mean of the total and of each component over the rows it applies to (NaN when it applies to none)."""
+    out = {"total": float(np.mean(self.total))}
+    for name, value in self.components.items():
+      rows = self.applicable.get(name, np.ones(len(value), bool))
+      out[name] = float(np.mean(value[rows])) if rows.any() else float("nan")
+    return out
+
 
 class RewardFunction(Protocol):
-  def __call__(self, examples: Sequence[Example], responses: Sequence[str]) -> Rewards: ...
+  """Scores responses; `lengths` are the responses' token counts (for length-aware rewards)."""
+
+  def __call__(self, examples: Sequence[Example], responses: Sequence[str], lengths: np.ndarray) -> Rewards: ...

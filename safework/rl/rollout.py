@@ -102,17 +102,16 @@ def collect(examples: Sequence[Example], params, rng: jax.Array, *, sampler: Sam
   generation_s = time.perf_counter() - start
   responses = decode_rows(processor.tokenizer, out, settings.stop_strings)
   group = settings.samples_per_prompt
-  scored = reward_fn([e for e in examples for _ in range(group)], responses).check(len(responses))
+  scored = reward_fn([e for e in examples for _ in range(group)], responses, lengths).check(len(responses))
 
   rollout = {k: np.asarray(v) for k, v in prompts.items()}
   rollout.update(responses=tokens, lengths=lengths, sampler_logp=np.asarray(out.logprobs),
                  rewards=np.asarray(scored.total, np.float32), done=np.asarray(out.done),
                  **{f"reward_{k}": np.asarray(v, np.float32) for k, v in scored.components.items()})
-  metrics = {"reward/total": float(scored.total.mean()), "generation_s": generation_s,
+  metrics = {**{f"reward/{k}": v for k, v in scored.means().items()}, "generation_s": generation_s,
              "generated_tokens_per_s": float(lengths.sum()) / max(generation_s, 1e-9),
              "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
-             "stopped_fraction": float(np.asarray(out.done).mean()),
-             **{f"reward/{k}": float(np.mean(v)) for k, v in scored.components.items()}}
+             "stopped_fraction": float(np.asarray(out.done).mean())}
   return rollout, responses, metrics
 
 
