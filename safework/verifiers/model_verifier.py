@@ -16,7 +16,7 @@ import numpy as np
 
 from safework import sharding
 from safework.data.example import Example
-from safework.models.inputs import prepare_inputs
+from safework.models.inputs import PreparedInputs, prepare_inputs
 from safework.models.qwen2_5_vl import Qwen25VL
 from safework.processing import Processor
 from safework.sampling import bucket_length
@@ -92,9 +92,12 @@ class ModelVerifier:
     arrays["attention_mask"] = np.pad(arrays["attention_mask"], ((0, 0), (pad, 0)))
     return arrays
 
+  def prepare(self, arrays: dict[str, np.ndarray]) -> PreparedInputs:
+    return prepare_inputs(self.model.config, arrays["input_ids"], arrays["attention_mask"],
+                          arrays.get("image_grid_thw"), pixel_values=arrays.get("pixel_values"))
+
   def _run(self, params, head_params, arrays: dict[str, np.ndarray]) -> jax.Array:
-    prepared = prepare_inputs(self.model.config, arrays["input_ids"], arrays["attention_mask"],
-                              arrays.get("image_grid_thw"), pixel_values=arrays.get("pixel_values"))
+    prepared = self.prepare(arrays)
     ids, mask = arrays["input_ids"], arrays["attention_mask"]
     if self.mesh is not None:
       place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))

@@ -1,0 +1,109 @@
+"""tensorflow-datasets builders for data users bring as files (array_record output, no TensorFlow needed).
+
+Put `train.jsonl` / `validation.jsonl` / `test.jsonl` (or `.csv`) in a directory and pass it as `manual_dir`:
+
+- `UserPrompts`: RL/eval prompts: `prompt` (required), `images` (paths), `reference` (gold answer), `label` (the
+  reward recipe: safety, value, knowledge, ...), `meta` (a JSON object: harm category, constraints, ...).
+- `Judgments`: labelled judgments to train verifiers: `question` (required), `images`, `answer` (gold), `label`,
+  and either `response` + `verdict` (classification) or `chosen` + `rejected` (preference pairs).
+
+Malformed rows fail the build with the file and line (`safework.data.jsonl.DataError`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import tensorflow_datasets as tfds
+
+from safework.data.example import Example
+from safework.data.jsonl import DataError, read_rows, resolve_image
+
+SPLITS = ("train", "validation", "test")
+
+
+class _ManualRows:
+  """Shared machinery: one file per split in manual_dir, rows checked by `read_rows`."""
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Put train/validation/test .jsonl or .csv files in manual_dir."
+  SCHEMA: dict[str, type] = {}
+  REQUIRED: tuple[str, ...] = ()
+
+  def _split_generators(self, dl_manager):
+    manual = Path(dl_manager.manual_dir)
+    splits = {}
+    for split in SPLITS:
+      files = [manual / f"{split}{suffix}" for suffix in (".jsonl", ".csv") if (manual / f"{split}{suffix}").is_file()]
+      if files:
+        splits[split] = self._generate_examples(files[0])
+    if not splits:
+      raise DataError(f"{manual} has none of {[s + '.jsonl' for s in SPLITS]} (or .csv)")
+    return splits
+
+  def _generate_examples(self, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    for line, row in read_rows(path, self.SCHEMA, self.REQUIRED):
+      row["images"] = [resolve_image(path, line, path.parent, name) for name in row["images"]]
+      yield f"{path.name}:{line}", self._encode(path, line, row)
+
+  def _encode(self, path: Path, line: int, row: dict) -> dict:
+    return row
+
+
+class UserPrompts(_ManualRows, tfds.core.GeneratorBasedBuilder):
+  SCHEMA = {"prompt": str, "images": list, "reference": str, "label": str, "meta": dict}
+  REQUIRED = ("prompt",)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "prompt": tfds.features.Text(), "reference": tfds.features.Text(), "label": tfds.features.Text(),
+        "meta": tfds.features.Text(), "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3)))}))
+
+  def _encode(self, path, line, row):
+    return dict(row, label=row["label"] or "normal", meta=json.dumps(row["meta"]))
+
+
+class Judgments(_ManualRows, tfds.core.GeneratorBasedBuilder):
+  SCHEMA = {"question": str, "images": list, "answer": str, "label": str, "response": str, "verdict": str,
+            "chosen": str, "rejected": str}
+  REQUIRED = ("question",)
+
+  def _info(self):
+    text = {k: tfds.features.Text() for k in self.SCHEMA if k != "images"}
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        **text, "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3)))}))
+
+  def _encode(self, path, line, row):
+    classification = bool(row["response"]) and bool(row["verdict"])
+    preference = bool(row["chosen"]) and bool(row["rejected"])
+    if classification == preference:
+      raise DataError(f"{path}:{line}: give either 'response' and 'verdict', or 'chosen' and 'rejected'")
+    return row
+
+
+def prepare(builder_cls, data_dir: str | Path, manual_dir: str | Path):
+  """Builds (once) the array_record dataset of `builder_cls` from the files in `manual_dir`."""
+  builder = builder_cls(data_dir=str(data_dir), file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  return builder
+
+
+def decode(row: dict[str, Any]) -> dict[str, Any]:
+  """A data-source row with text as `str` (tfds returns bytes)."""
+  return {k: v.decode() if isinstance(v, bytes) else v for k, v in row.items()}
+
+
+class PromptSourceView:
+  """A `PromptSource` over a `UserPrompts` split (random access, no copy)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> Example:
+    row = decode(self.source[index])
+    return Example(question=row["prompt"], images=tuple(row["images"]), label=row["label"] or "normal",
+                   answer=row["reference"] or None, meta=json.loads(row["meta"] or "{}"))
