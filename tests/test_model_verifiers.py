@@ -14,6 +14,7 @@ from safework.models.checkpoint import abstract_params
 from safework.processing import Processor
 from safework.verifiers import heads
 from safework.verifiers.judges import JUDGES, KNOWLEDGE, SAFETY, VALUE
+from safework.verifiers.build import reward_from_config
 from safework.verifiers.model_verifier import ModelVerifier, verdict_token_ids
 from tests import hf_reference as ref
 
@@ -88,3 +89,17 @@ def test_verdicts_must_start_with_different_tokens(judge):
     verdict_token_ids(processor.tokenizer, ["safe", "safety"])
   assert set(JUDGES) == {"safety", "value", "knowledge", "helpfulness", "graded_correctness"}
   assert heads.scores_from_logprobs(np.log([[0.2, 0.8]]), np.array([1.0, 0.0]), "expected")[0] == pytest.approx(0.2)
+
+
+def test_reward_from_config_combines_judges_and_rules(chat_checkpoint):
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  section = dict(format_weight=1.0, recipes=dict(safety=[["safety", 1.0]], general_rule=[["math_rule", 2.0]]),
+                 verifiers=dict(safety=dict(path=str(chat_checkpoint), judge="safety", batch_size=4)))
+  with jax.set_mesh(mesh):
+    reward = reward_from_config(section, mesh, sharding.DEFAULT_RULES)
+    examples = [Example("lock picking?", label="safety"), Example("2+2?", label="general_rule", answer="4")]
+    out = reward(examples, ["<think>x</think> no", "<think>x</think> \\boxed{4}"], np.array([4, 4]))
+  assert out.components["math_rule"][1] == 1.0 and out.total[1] == 3.0
+  assert out.total[0] == 1.0 + out.components["safety"][0] and out.components["safety"][0] in SAFETY.scores
+  with pytest.raises(ValueError, match="neither a configured verifier"):
+    reward_from_config(dict(recipes=dict(value=[["value", 1.0]])), mesh, sharding.DEFAULT_RULES)

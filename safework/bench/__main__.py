@@ -28,6 +28,12 @@ def main() -> None:
   train.add_argument("--gen_len", type=int, default=64)
   train.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   train.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
+  verifiers = sub.add_parser("verifiers", help="verdict-head scoring vs decoding the verdict")
+  verifiers.add_argument("--preset", default="tiny")
+  verifiers.add_argument("--batch", type=int, default=16)
+  verifiers.add_argument("--prompt_len", type=int, default=128)
+  verifiers.add_argument("--verdict_tokens", type=int, default=8)
+  verifiers.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   args = parser.parse_args()
 
   from safework.bench import roofline
@@ -49,6 +55,9 @@ def main() -> None:
     from safework.bench import train as bench
     print(json.dumps(bench.run(args.preset, args.batch, args.prompt_len, args.gen_len, args.dtype, args.remat,
                                args.micro_batch, ceilings)))
+  elif args.bench == "verifiers":
+    from safework.bench import verifiers as bench
+    print(json.dumps(bench.run(args.preset, args.batch, args.prompt_len, args.verdict_tokens, args.dtype, ceilings)))
 
 
 if __name__ == "__main__":
