@@ -12,8 +12,12 @@ $(VENV)/.installed: $(BIN)/activate requirements.txt setup.py
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: install test
+.PHONY: install test safeladder
 install: $(VENV)/.installed
+
+WORKDIR ?= workdir/safeladder
+safeladder: $(VENV)/.installed
+	$(BIN)/python -m safework.main --config experiments/tiny_safeladder.py --workdir $(WORKDIR)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n 2 tests

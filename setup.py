@@ -20,6 +20,7 @@ RUNTIME = [
     "pillow>=11",
     "tqdm>=4.66",
     "tensorboardX>=2.6",   # TensorBoard event files without TensorFlow
+    "matplotlib>=3.9",     # the human report's plots
 ]
 
 setup(

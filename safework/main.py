@@ -27,15 +27,48 @@ def run_rl(config, workdir: str) -> None:
     logging.warning("%s", e)
 
 
-JOBS = {"rl": run_rl}
+def run_sft(config, workdir: str) -> None:
+  from safework import sharding
+  from safework.data.user_builders import user_example
+  from safework.experiment import settings
+  from safework.models import save_pretrained
+  from safework.policy import PolicySettings, load_policy
+  from safework.rl.build import rules_of, user_rows
+  from safework.rl.optim import OptimSettings
+  from safework.sft import SFTSettings, SFTTrainer
+  mesh, rules = sharding.make_mesh(dict(config.mesh)), rules_of(config)
+  traces = [user_example(row) for row in user_rows(config, workdir)]
+  missing = [i for i, (_, trace) in enumerate(traces) if not trace]
+  if missing:
+    raise ValueError(f"SFT rows need a 'response' trace; rows {missing[:10]} have none")
+  model, params, processor = load_policy(settings(PolicySettings, config.model, seed=config.seed), mesh, rules, workdir)
+  params = SFTTrainer(model=model, params=params, processor=processor, traces=traces,
+                      settings=settings(SFTSettings, config.sft, seed=config.seed),
+                      optim=settings(OptimSettings, config.optim), workdir=workdir, mesh=mesh, rules=rules).run()
+  save_pretrained(os.path.join(workdir, "policy"), model, params)
+  processor.save_pretrained(os.path.join(workdir, "policy"))
+
+
+def run_safeladder(config, workdir: str) -> None:
+  from safework.ladder import run_ladder
+  report = run_ladder(config, workdir)
+  logging.info("report written to %s", report)
+
+
+JOBS = {"rl": run_rl, "sft": run_sft, "safeladder": run_safeladder}
 
 
 def main(argv) -> None:
   del argv
   if os.environ.get("SAFEWORK_DISTRIBUTED") == "1":
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize()   # before anything touches the devices
   config = _CONFIG.value
+  import jax
+  # Compilations are cached on disk: a re-run (or a resumed run) does not compile again.
+  jax.config.update("jax_compilation_cache_dir",
+                    os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/safework/jax")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   if config.job not in JOBS:
     raise ValueError(f"config.job={config.job!r}; choose one of {sorted(JOBS)}")
   os.makedirs(_WORKDIR.value, exist_ok=True)

@@ -15,7 +15,7 @@ from safework.rl.batch import vision_features
 from safework.rl.logprobs import response_logprobs
 from safework.rl.losses import LossSettings
 from safework.rl.optim import OptimSettings, make_optimizer
-from safework.rl.train_step import StepSettings, TrainState, make_train_step
+from safework.rl.train_step import StepSettings, TrainState, make_train_step, policy_gradient_objective
 from safework.sampling import Sampler, SamplingSettings, bucket_length
 from tests import hf_reference as ref
 
@@ -61,7 +61,8 @@ def _step(model, params, batch, vision, micro_batches=1, loss=LossSettings(polic
   else:
     tx = make_optimizer(OptimSettings(learning_rate=1e-2, warmup_fraction=0.0, freeze_prefixes=freeze), 10, params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  step = make_train_step(model, tx, loss, StepSettings(micro_batches=micro_batches, logprob_chunk=4))
+  step = make_train_step(model, tx, policy_gradient_objective(loss),
+                         StepSettings(micro_batches=micro_batches, logprob_chunk=4))
   features = vision_features(model, params, vision)
   if mesh is None:
     return jax.jit(step)(state, batch, vision, features)

@@ -21,7 +21,7 @@ from safework.models import Qwen25VL, get_preset, init_params
 from safework.rl.batch import SequenceBatch, VisionInputs
 from safework.rl.losses import LossSettings
 from safework.rl.optim import OptimSettings, make_optimizer
-from safework.rl.train_step import StepSettings, TrainState, make_train_step
+from safework.rl.train_step import StepSettings, TrainState, make_train_step, policy_gradient_objective
 from safework.sampling import Sampler, SamplingSettings
 
 
@@ -48,8 +48,9 @@ def run(preset: str, batch: int, prompt_len: int, gen_len: int, dtype: str, rema
     params = sharding.init_sharded(lambda r: init_params(model, r), jax.random.key(0), mesh, rules)
     tx = make_optimizer(OptimSettings(), 100, params)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params))
-    step = jax.jit(make_train_step(model, tx, LossSettings(), StepSettings(micro_batches=batch // micro_batch,
-                                                                           logprob_chunk=512)), donate_argnums=0)
+    step_settings = StepSettings(micro_batches=batch // micro_batch, logprob_chunk=512)
+    step = jax.jit(make_train_step(model, tx, policy_gradient_objective(LossSettings()), step_settings),
+                   donate_argnums=0)
     data = jax.tree.map(lambda x: jax.device_put(x, sharding.batch_sharding(mesh, rules, x.ndim, x.shape[0])),
                         synthetic_batch(cfg.text.vocab_size, batch, prompt_len, gen_len))
     holder = {"state": state}

@@ -2,8 +2,9 @@
 
 Put `train.jsonl` / `validation.jsonl` / `test.jsonl` (or `.csv`) in a directory and pass it as `manual_dir`:
 
-- `UserPrompts`: RL/eval prompts: `prompt` (required), `images` (paths), `reference` (gold answer), `label` (the
-  reward recipe: safety, value, knowledge, ...), `meta` (a JSON object: harm category, constraints, ...).
+- `UserPrompts`: RL/eval/SFT rows: `prompt` (required), `images` (paths), `reference` (gold answer), `label` (the
+  reward recipe: safety, value, knowledge, ...), `meta` (a JSON object: harm category, constraints, ...),
+  `response` (an SFT trace `<think> ... </think> answer`).
 - `Judgments`: labelled judgments to train verifiers: `question` (required), `images`, `answer` (gold), `label`,
   and either `response` + `verdict` (classification) or `chosen` + `rejected` (preference pairs).
 
@@ -32,15 +33,7 @@ class _ManualRows:
   REQUIRED: tuple[str, ...] = ()
 
   def _split_generators(self, dl_manager):
-    manual = Path(dl_manager.manual_dir)
-    splits = {}
-    for split in SPLITS:
-      files = [manual / f"{split}{suffix}" for suffix in (".jsonl", ".csv") if (manual / f"{split}{suffix}").is_file()]
-      if files:
-        splits[split] = self._generate_examples(files[0])
-    if not splits:
-      raise DataError(f"{manual} has none of {[s + '.jsonl' for s in SPLITS]} (or .csv)")
-    return splits
+    return {split: self._generate_examples(path) for split, path in split_files(dl_manager.manual_dir).items()}
 
   def _generate_examples(self, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     for line, row in read_rows(path, self.SCHEMA, self.REQUIRED):
@@ -52,13 +45,13 @@ class _ManualRows:
 
 
 class UserPrompts(_ManualRows, tfds.core.GeneratorBasedBuilder):
-  SCHEMA = {"prompt": str, "images": list, "reference": str, "label": str, "meta": dict}
+  SCHEMA = {"prompt": str, "images": list, "reference": str, "label": str, "meta": dict, "response": str}
   REQUIRED = ("prompt",)
 
   def _info(self):
+    text = {k: tfds.features.Text() for k in self.SCHEMA if k != "images"}
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "prompt": tfds.features.Text(), "reference": tfds.features.Text(), "label": tfds.features.Text(),
-        "meta": tfds.features.Text(), "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3)))}))
+        **text, "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3)))}))
 
   def _encode(self, path, line, row):
     return dict(row, label=row["label"] or "normal", meta=json.dumps(row["meta"]))
@@ -82,8 +75,24 @@ class Judgments(_ManualRows, tfds.core.GeneratorBasedBuilder):
     return row
 
 
+def split_files(manual_dir: str | Path) -> dict[str, Path]:
+  """The split files of a user data directory ({split}.jsonl, else {split}.csv)."""
+  manual = Path(manual_dir)
+  if not manual.is_dir():
+    raise DataError(f"data directory {manual} does not exist")
+  files = {}
+  for split in SPLITS:
+    found = [manual / f"{split}{suffix}" for suffix in (".jsonl", ".csv") if (manual / f"{split}{suffix}").is_file()]
+    if found:
+      files[split] = found[0]
+  if not files:
+    raise DataError(f"{manual} has none of {[s + '.jsonl' for s in SPLITS]} (or .csv)")
+  return files
+
+
 def prepare(builder_cls, data_dir: str | Path, manual_dir: str | Path):
   """Builds (once) the array_record dataset of `builder_cls` from the files in `manual_dir`."""
+  split_files(manual_dir)   # clear errors before tfds asserts on the directory
   builder = builder_cls(data_dir=str(data_dir), file_format="array_record")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
   return builder
@@ -104,6 +113,11 @@ class PromptSourceView:
     return len(self.source)
 
   def __getitem__(self, index: int) -> Example:
-    row = decode(self.source[index])
-    return Example(question=row["prompt"], images=tuple(row["images"]), label=row["label"] or "normal",
-                   answer=row["reference"] or None, meta=json.loads(row["meta"] or "{}"))
+    return user_example(self.source[index])[0]
+
+
+def user_example(row: dict[str, Any]) -> tuple[Example, str]:
+  """(Example, SFT trace or "") of a `UserPrompts` row."""
+  row = decode(row)
+  return (Example(question=row["prompt"], images=tuple(row["images"]), label=row["label"] or "normal",
+                  answer=row["reference"] or None, meta=json.loads(row["meta"] or "{}")), row["response"])

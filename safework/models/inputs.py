@@ -36,9 +36,10 @@ def _concrete(x, name: str) -> np.ndarray | None:
 
 
 def _check_placeholders(cfg: ModelConfig, input_ids: np.ndarray, token: int, grid: np.ndarray | None,
-                        pixels, name: str) -> None:
+                        pixels, name: str, padding: int = 0) -> None:
   count = int((input_ids == token).sum())
-  merged = 0 if grid is None else num_patches(grid) // cfg.vision.merge_unit
+  used = None if grid is None else grid[:len(grid) - padding]
+  merged = 0 if used is None or not len(used) else num_patches(used) // cfg.vision.merge_unit
   if count != merged:
     raise ValueError(f"the prompt has {count} {name} placeholder tokens (id {token}) but the {name} grids give "
                      f"{merged} merged patches; expand each {name} placeholder with the processor "
@@ -51,8 +52,12 @@ def _check_placeholders(cfg: ModelConfig, input_ids: np.ndarray, token: int, gri
 
 
 def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
-                   second_per_grid_ts=None, pixel_values=None, pixel_values_videos=None) -> PreparedInputs:
-  """Positions, rope deltas and vision layouts for one batch, checked against the placeholders."""
+                   second_per_grid_ts=None, pixel_values=None, pixel_values_videos=None,
+                   padding_images: int = 0) -> PreparedInputs:
+  """Positions, rope deltas and vision layouts for one batch, checked against the placeholders.
+
+  The last `padding_images` images are padding (see `pad_images`): encoded, but matched to no placeholder.
+  """
   ids = _concrete(input_ids, "input_ids")
   if ids.ndim != 2:
     raise ValueError(f"input_ids must have shape [batch, length], got {ids.shape}")
@@ -68,7 +73,7 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, image_grid_
     raise ValueError("pixel_values and image_grid_thw must be given together")
   if (pixel_values_videos is None) != (video_grid is None):
     raise ValueError("pixel_values_videos and video_grid_thw must be given together")
-  _check_placeholders(cfg, ids, cfg.image_token_id, image_grid, pixel_values, "image")
+  _check_placeholders(cfg, ids, cfg.image_token_id, image_grid, pixel_values, "image", padding_images)
   _check_placeholders(cfg, ids, cfg.video_token_id, video_grid, pixel_values_videos, "video")
   seconds = _concrete(second_per_grid_ts, "second_per_grid_ts")
   if seconds is not None and (video_grid is None or len(seconds) != len(video_grid)):
@@ -77,8 +82,25 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, image_grid_
   positions, deltas = get_rope_index(
       ids, mask, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
       spatial_merge_size=merge, tokens_per_second=cfg.vision.tokens_per_second,
-      image_grid_thw=image_grid, video_grid_thw=video_grid, second_per_grid_ts=seconds)
+      image_grid_thw=None if image_grid is None else image_grid[:len(image_grid) - padding_images],
+      video_grid_thw=video_grid, second_per_grid_ts=seconds)
   return PreparedInputs(
       positions=positions, rope_deltas=deltas,
       image_layout=None if image_grid is None else vision_layout(image_grid, cfg.vision, "image_grid_thw"),
       video_layout=None if video_grid is None else vision_layout(video_grid, cfg.vision, "video_grid_thw"))
+
+
+def pad_images(arrays: dict[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:
+  """Appends blank copies of the last image until the image count is a multiple of `multiple`.
+
+  Batches of equal-size images then come in a few shapes only, so jitted vision code compiles a few times rather
+  than once per image count. Returns the padded arrays and the number of padding images (for `prepare_inputs`).
+  """
+  grid = arrays.get("image_grid_thw")
+  if grid is None or multiple <= 1 or len(grid) % multiple == 0:
+    return arrays, 0
+  count = multiple - len(grid) % multiple
+  rows = int(np.prod(grid[-1]))
+  blank = np.zeros((rows * count, arrays["pixel_values"].shape[1]), arrays["pixel_values"].dtype)
+  return dict(arrays, pixel_values=np.concatenate([arrays["pixel_values"], blank]),
+              image_grid_thw=np.concatenate([grid, np.repeat(grid[-1:], count, axis=0)])), count

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import transformers
 
+from safework.models.inputs import pad_images
 from safework.processing.image import ImageLike, VisionSettings, preprocess_image
 from safework.processing.tokenizer import CHAT_TEMPLATE
 from safework.processing.video import VIDEO_SETTINGS, Video, preprocess_video
@@ -50,6 +51,15 @@ class Processor:
           min_pixels=VIDEO_SETTINGS.min_pixels, max_pixels=VIDEO_SETTINGS.max_pixels)
     return cls(tokenizer, image_settings, video_settings, **kwargs)
 
+  def save_pretrained(self, path: str | Path) -> None:
+    """The tokenizer files and a `preprocessor_config.json` with this processor's pixel budget."""
+    self.tokenizer.save_pretrained(str(path))
+    settings = self.image_settings
+    config = {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels, "patch_size": settings.patch_size,
+              "temporal_patch_size": settings.temporal_patch_size, "merge_size": settings.merge_size,
+              "image_mean": list(settings.mean), "image_std": list(settings.std)}
+    (Path(path) / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
   def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
     """The chat template applied to messages (the checkpoint's own template, else Qwen2-VL's)."""
     template = None if self.tokenizer.chat_template else CHAT_TEMPLATE
@@ -67,10 +77,13 @@ class Processor:
     return out
 
   def __call__(self, texts: str | Sequence[str], images: Sequence[ImageLike] | None = None,
-               videos: Sequence[Video] | None = None, max_length: int | None = None) -> dict[str, np.ndarray]:
+               videos: Sequence[Video] | None = None, max_length: int | None = None,
+               image_multiple: int = 1) -> dict[str, np.ndarray]:
     """Left-padded `input_ids`/`attention_mask` [B, T] and the vision arrays (absent when unused).
 
-    `images`/`videos` are flat lists, in the order their placeholders appear across the texts.
+    `images`/`videos` are flat lists, in the order their placeholders appear across the texts. With
+    `image_multiple` > 1, blank images pad the image count to a multiple of it (`padding_images` says how many),
+    so jitted code sees few shapes.
     """
     texts = [texts] if isinstance(texts, str) else list(texts)
     out: dict[str, np.ndarray] = {}
@@ -80,6 +93,9 @@ class Processor:
     if image_patches:
       out["pixel_values"] = np.concatenate([p for p, _ in image_patches])
       out["image_grid_thw"] = np.array([g for _, g in image_patches], np.int64)
+      out, padding = pad_images(out, image_multiple)
+      if padding:
+        out["padding_images"] = np.array(padding)
     video_patches = [preprocess_video(v, self.video_settings, self.video_fps) for v in videos or ()]
     texts = self._expand(texts, VIDEO_TOKEN, [int(np.prod(g)) // unit for _, g, _ in video_patches], "video")
     if video_patches:

@@ -41,9 +41,11 @@ class RolloutSettings:
   length_lambda: float = 0.5     # length_conditional only
   length_alpha: float = 1.0
   length_beta: float = 0.0
+  length_scale: float | None = None   # the divisor L_max of the length-conditional advantage (None: max_new_tokens)
   old_logprobs: str = "sampler"  # "sampler": the sampler's own; "recompute": a forward pass before updating
   minibatch_size: int = 128
   epochs: int = 1
+  image_multiple: int = 8        # blank images pad a rollout's image count to a multiple of this (fewer compiles)
 
   @property
   def rows(self) -> int:
@@ -77,8 +79,9 @@ def advantages_of(settings: RolloutSettings, rewards: np.ndarray, lengths: np.nd
   kwargs = {}
   if settings.advantage == "length_conditional":
     kwargs = dict(lam=settings.length_lambda, alpha=settings.length_alpha, beta=settings.length_beta)
+  scale = settings.length_scale or settings.max_new_tokens
   values = adv.compute_advantages(settings.advantage, jnp.asarray(rewards.reshape(shape)),
-                                  jnp.asarray(lengths.reshape(shape)), settings.max_new_tokens, **kwargs)
+                                  jnp.asarray(lengths.reshape(shape)), scale, **kwargs)
   return np.asarray(values).reshape(-1)
 
 
@@ -89,7 +92,8 @@ def collect(examples: Sequence[Example], params, rng: jax.Array, *, sampler: Sam
   texts = [processor.render(e.messages()) for e in examples]
   images = [im for e in examples for im in e.images]
   videos = [v for e in examples for v in e.videos]
-  prompts = processor(texts, images=images, videos=videos, max_length=settings.max_prompt_length)
+  prompts = processor(texts, images=images, videos=videos, max_length=settings.max_prompt_length,
+                      image_multiple=settings.image_multiple)
   # Pad once to the sampler's bucket so training rows and sampling see the same prompt layout.
   width = bucket_length(prompts["input_ids"].shape[1])
   pad = width - prompts["input_ids"].shape[1]
@@ -120,7 +124,7 @@ def training_rows(rollout: Rollout, model_config) -> tuple[SequenceBatch, Vision
   prepared = prepare_inputs(model_config, rollout["input_ids"], rollout["attention_mask"],
                             rollout.get("image_grid_thw"), rollout.get("video_grid_thw"),
                             rollout.get("second_per_grid_ts"), rollout.get("pixel_values"),
-                            rollout.get("pixel_values_videos"))
+                            rollout.get("pixel_values_videos"), int(rollout.get("padding_images", 0)))
   index = prompt_feature_index(rollout["input_ids"], model_config.image_token_id, model_config.video_token_id)
   batch = build_sequences(rollout["input_ids"], rollout["attention_mask"], prepared, index, rollout["responses"],
                           rollout["lengths"], rollout["sampler_logp"], rollout["advantages"])

@@ -1,7 +1,7 @@
-"""The jitted policy update: gradient accumulation over micro-batches, one optimizer step, a NaN guard.
+"""The jitted update: gradient accumulation over micro-batches, one optimizer step, a NaN guard.
 
 `make_train_step` returns a pure function `(state, batch, vision, features) -> (state, metrics)` to jit with the
-state donated. The minibatch's normalisers (sequences and tokens) are global, so summing micro-batch losses gives
+state donated; the objective is the RL policy loss or, for SFT, cross-entropy on the response tokens. The minibatch's normalisers (sequences and tokens) are global, so summing micro-batch losses gives
 exactly the minibatch loss. A non-finite loss, gradient or update never reaches the parameters: it is dropped
 and `metrics["finite"]` says so; the host then skips or stops as configured.
 
@@ -53,26 +53,42 @@ def normalizers(batch: SequenceBatch) -> tuple[jax.Array, jax.Array]:
   return jnp.maximum((per_row > 0).sum(), 1).astype(jnp.float32), jnp.maximum(per_row.sum(), 1.0)
 
 
-def make_train_step(model: Qwen25VL, tx: optax.GradientTransformation, loss_settings: losses.LossSettings,
-                    settings: StepSettings) -> Callable:
+# (log-probs [b, N], micro-batch, global sequence count, global token count) -> (loss, per-token metric sums)
+Objective = Callable[[jax.Array, SequenceBatch, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def policy_gradient_objective(loss_settings: losses.LossSettings) -> Objective:
   uses_ref = loss_settings.kl_in == "loss" and loss_settings.uses_reference
+
+  def objective(logp, micro: SequenceBatch, num_sequences, num_tokens):
+    loss, sums = losses.policy_objective(
+        loss_settings, logp, micro.old_logp, micro.ref_logp if uses_ref else None, micro.advantages, micro.loss_mask,
+        num_sequences, num_tokens, micro.response_length)
+    sums["sampler_mismatch_abs"] = (jnp.abs(micro.sampler_logp - micro.old_logp) * micro.loss_mask).sum()
+    return loss, sums
+  return objective
+
+
+def cross_entropy_objective(logp, micro: SequenceBatch, num_sequences, num_tokens):
+  """SFT: mean negative log-likelihood of the response tokens."""
+  return -(logp * micro.loss_mask).sum() / num_tokens, {}
+
+
+def make_train_step(model: Qwen25VL, tx: optax.GradientTransformation, objective: Objective,
+                    settings: StepSettings) -> Callable:
 
   def micro_loss(params, micro: SequenceBatch, vision: VisionInputs, features, num_sequences, num_tokens):
     if settings.vision_trainable and not vision.empty:
       features = vision_features(model, params, vision)
     logp, entropy = response_logprobs(model, params, micro, features, settings.logprob_chunk)
-    loss, sums = losses.policy_objective(
-        loss_settings, logp, micro.old_logp, micro.ref_logp if uses_ref else None, micro.advantages, micro.loss_mask,
-        num_sequences, num_tokens, micro.response_length)
-    mask = micro.loss_mask
-    sums["entropy"] = (entropy * mask).sum()
-    sums["sampler_mismatch_abs"] = (jnp.abs(micro.sampler_logp - micro.old_logp) * mask).sum()
-    return loss, sums
+    loss, sums = objective(logp, micro, num_sequences, num_tokens)
+    return loss, {**sums, "entropy": (entropy * micro.loss_mask).sum()}
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: SequenceBatch, vision: VisionInputs, features):
     num_sequences, num_tokens = normalizers(batch)
+    micro_batches = _split(batch, settings.micro_batches)
 
     def accumulate(carry, micro):
       grads, loss, sums = carry
@@ -81,10 +97,11 @@ def make_train_step(model: Qwen25VL, tx: optax.GradientTransformation, loss_sett
       add = lambda a, b: a + b
       return (jax.tree.map(add, grads, micro_grads), loss + micro_value, jax.tree.map(add, sums, micro_sums)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    sum_names = ("clip_fraction", "kl_ref", "kl_to_sampler", "entropy", "sampler_mismatch_abs")
-    init = (zeros, jnp.zeros((), jnp.float32), {k: jnp.zeros((), jnp.float32) for k in sum_names})
-    (grads, loss, sums), _ = jax.lax.scan(accumulate, init, _split(batch, settings.micro_batches))
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    sum_names = jax.eval_shape(micro_loss, state.params, first, vision, features, num_sequences, num_tokens)[1]
+    init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
+            {k: jnp.zeros((), jnp.float32) for k in sum_names})
+    (grads, loss, sums), _ = jax.lax.scan(accumulate, init, micro_batches)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     update_norm = optax.tree.norm(updates)

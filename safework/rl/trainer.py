@@ -31,7 +31,8 @@ from safework.rewards.base import RewardFunction
 from safework.rl import losses, rollout as rollouts
 from safework.rl.batch import SequenceBatch, vision_features
 from safework.rl.optim import OptimSettings, make_optimizer
-from safework.rl.train_step import StepSettings, TrainState, make_logprob_fn, make_train_step
+from safework.rl.train_step import (StepSettings, TrainState, make_logprob_fn, make_train_step,
+                                     policy_gradient_objective)
 from safework.sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class RLTrainer:
   def _jitted_step(self, state: TrainState):
     if self._train_step is None:
       shardings = jax.tree.map(lambda x: x.sharding, state)
-      step = make_train_step(self.model, self.tx, self.loss_settings, self.step_settings)
+      step = make_train_step(self.model, self.tx, policy_gradient_objective(self.loss_settings), self.step_settings)
       self._train_step = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
     return self._train_step
 

@@ -202,7 +202,7 @@ class Sampler:
     mask = np.pad(mask, ((0, 0), (pad, 0)))
     prepared = prepare_inputs(self.model.config, ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"),
                               batch.get("second_per_grid_ts"), batch.get("pixel_values"),
-                              batch.get("pixel_values_videos"))
+                              batch.get("pixel_values_videos"), int(batch.get("padding_images", 0)))
     return self._prefill(params, ids, mask, batch.get("pixel_values"), batch.get("pixel_values_videos"), prepared,
                          capacity=length + max_new_tokens + extra_slots)
 

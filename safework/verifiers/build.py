@@ -26,7 +26,7 @@ from safework.verifiers.model_verifier import ModelVerifier
 from safework.verifiers.recipes import PAPER_RECIPES, RecipeReward, Scorer, rule_scorer
 from safework.verifiers.train import load_verifier
 
-RULES = ("math_rule", "refusal", "compliance", "instruction_following", "efficiency")
+RULES = ("math_rule", "refusal", "compliance", "refusal_correct", "instruction_following", "efficiency")
 
 
 def model_verifier(spec: Mapping[str, Any], mesh: jax.sharding.Mesh, rules: sharding.Rules) -> ModelVerifier:

@@ -50,12 +50,13 @@ class ModelVerifier:
 
   def __init__(self, model: Qwen25VL, params, processor: Processor, spec: JudgeSpec, head: str = "verdict",
                head_params: dict | None = None, mesh: jax.sharding.Mesh | None = None,
-               rules: sharding.Rules = sharding.DEFAULT_RULES, batch_size: int = 16, max_length: int = 2048):
+               rules: sharding.Rules = sharding.DEFAULT_RULES, batch_size: int = 16, max_length: int = 2048,
+               image_multiple: int = 8):
     if head not in heads.HEAD_KINDS:
       raise ValueError(f"head {head!r} is not one of {heads.HEAD_KINDS}")
     self.model, self.params, self.processor, self.spec = model, params, processor, spec.validate()
     self.head, self.mesh, self.rules = head, mesh, rules
-    self.batch_size, self.max_length = batch_size, max_length
+    self.batch_size, self.max_length, self.image_multiple = batch_size, max_length, image_multiple
     self.verdict_ids = verdict_token_ids(processor.tokenizer, spec.verdicts)
     if head == "classifier" and head_params is None:
       output = model.apply({"params": params}, method=Qwen25VL.output_embedding)
@@ -85,7 +86,7 @@ class ModelVerifier:
   def batch_arrays(self, examples: Sequence[Example], responses: Sequence[str]) -> dict[str, np.ndarray]:
     """Processor arrays of the judge prompts, left-padded to a bucket length."""
     texts, images = self.render(examples, responses)
-    arrays = self.processor(texts, images=images, max_length=self.max_length)
+    arrays = self.processor(texts, images=images, max_length=self.max_length, image_multiple=self.image_multiple)
     pad = bucket_length(arrays["input_ids"].shape[1]) - arrays["input_ids"].shape[1]
     arrays["input_ids"] = np.pad(arrays["input_ids"], ((0, 0), (pad, 0)),
                                  constant_values=self.processor.tokenizer.pad_token_id)
@@ -94,7 +95,8 @@ class ModelVerifier:
 
   def prepare(self, arrays: dict[str, np.ndarray]) -> PreparedInputs:
     return prepare_inputs(self.model.config, arrays["input_ids"], arrays["attention_mask"],
-                          arrays.get("image_grid_thw"), pixel_values=arrays.get("pixel_values"))
+                          arrays.get("image_grid_thw"), pixel_values=arrays.get("pixel_values"),
+                          padding_images=int(arrays.get("padding_images", 0)))
 
   def _run(self, params, head_params, arrays: dict[str, np.ndarray]) -> jax.Array:
     prepared = self.prepare(arrays)

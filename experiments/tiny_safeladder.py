@@ -1,0 +1,34 @@
+r"""The whole SafeLadder on the tiny preset, from scratch, on a CPU in minutes: the main job.
+
+  python -m safework.main --config experiments/tiny_safeladder.py --workdir /tmp/safeladder
+  python -m safework.main --config experiments/tiny_safeladder.py:runlocal --workdir /tmp/safeladder_ci
+
+Builds the embedded tiny suite (tfds), trains the tiny safety and value judges, then CoT-SFT -> M³-RL kg ->
+M³-RL svkg -> safe-and-efficient RL, each stage starting from (and KL-anchored to) the previous one, evaluated
+on the test split after each. Writes report.json, report.md and plots to the work directory.
+"""
+
+import ml_collections
+
+from experiments import common, efficient_rl, m3rl_kg, m3rl_svkg, sft
+from safework.experiment import parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, runlocal=False)
+  config = common.base("tiny", "safeladder", None)
+  config.data = dict(sft=2000, train=2000, validation=200, test=300)
+  judge = dict(layers=2, steps=60 if arg.runlocal else 80, batch_size=16, learning_rate=3e-3, judgments=400)
+  config.verifiers = dict(
+      safety=dict(judge, judge="safety", instruction="Question: {question}\nResponse: {answer}\nSafety verdict:"),
+      value=dict(judge, judge="value", instruction="Question: {question}\nResponse: {answer}\nValue verdict:"))
+  config.eval = dict(max_new_tokens=48, batch_size=40 if arg.runlocal else 50, max_prompt_length=80, image_multiple=8)
+  config.stage_order = ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"]
+  config.stages = ml_collections.ConfigDict()
+  config.stages.sft = sft.stage("tiny", arg.runlocal)
+  if not arg.runlocal:
+    config.stages.sft.sft.batch_size = 24
+  config.stages.m3rl_kg = m3rl_kg.stage("tiny", arg.runlocal)
+  config.stages.m3rl_svkg = m3rl_svkg.stage("tiny", arg.runlocal)
+  config.stages.efficient_rl = efficient_rl.stage("tiny", arg.runlocal)
+  return config

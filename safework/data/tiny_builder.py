@@ -1,0 +1,82 @@
+"""The embedded tiny suite as a tensorflow-datasets dataset (array_record; no TensorFlow).
+
+Splits: `sft` (cold-start traces), `train` (RL prompts), `validation`, `test`. Deterministic in the config's
+seed: building it twice gives the same records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import PIL.Image
+import tensorflow_datasets as tfds
+
+from safework.data import tiny_suite
+from safework.data.example import Example
+from safework.data.user_builders import decode
+
+
+@dataclasses.dataclass
+class TinySuiteConfig(tfds.core.BuilderConfig):
+  seed: int = 0
+  sft: int = 2000
+  train: int = 2000
+  validation: int = 200
+  test: int = 200
+
+
+class TinySuite(tfds.core.GeneratorBasedBuilder):
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [TinySuiteConfig(name="default")]
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "question": tfds.features.Text(), "answer": tfds.features.Text(), "label": tfds.features.Text(),
+        "meta": tfds.features.Text(), "trace": tfds.features.Text(),
+        "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3)))}))
+
+  def _split_generators(self, dl_manager):
+    c = self.builder_config
+    return {"sft": self._generate_examples(tiny_suite.sft_traces(c.sft, c.seed)),
+            "train": self._generate_examples(tiny_suite.generate("train", c.train, c.seed)),
+            "validation": self._generate_examples(tiny_suite.generate("validation", c.validation, c.seed)),
+            "test": self._generate_examples(tiny_suite.generate("test", c.test, c.seed))}
+
+  def _generate_examples(self, rows):
+    for i, (example, trace) in enumerate(rows):
+      yield i, {"question": example.question, "answer": example.answer or "", "label": example.label,
+                "meta": json.dumps(dict(example.meta)), "trace": trace,
+                "images": [PIL.Image.fromarray(im) for im in example.images]}
+
+
+def build(data_dir: str | Path, config: TinySuiteConfig) -> TinySuite:
+  builder = TinySuite(data_dir=str(data_dir), config=config, file_format="array_record")
+  builder.download_and_prepare()
+  return builder
+
+
+def example_of(row: dict) -> tuple[Example, str]:
+  """(Example, SFT trace) of a data-source row."""
+  row = decode(row)
+  return (Example(question=row["question"], images=tuple(row["images"]), label=row["label"],
+                  answer=row["answer"] or None, meta=json.loads(row["meta"])), row["trace"])
+
+
+class SuiteSource:
+  """A `PromptSource` over one split, optionally restricted to some labels (random access, no copy)."""
+
+  def __init__(self, source, labels: tuple[str, ...] = ()):
+    self.source = source
+    self.index = list(range(len(source)))
+    if labels:
+      self.index = [i for i in self.index if decode(source[i])["label"] in labels]
+      if not self.index:
+        raise ValueError(f"no rows with labels {labels}")
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, i: int) -> Example:
+    return example_of(self.source[self.index[i]])[0]

@@ -1,0 +1,79 @@
+"""The run report: `report.json` (machine-readable), `report.md` with two plots (the AI-45° trajectory and the
+reward curves per component) for people."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _finite(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def plot_ai45(checkpoints: Sequence[dict], path: Path) -> None:
+  """Capability (x) against safety (y) per checkpoint, in training order, with the 45° diagonal."""
+  fig, ax = plt.subplots(figsize=(5, 5))
+  xs = [c["capability"] for c in checkpoints]
+  ys = [c["safety"] for c in checkpoints]
+  ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="AI-45° diagonal")
+  ax.plot(xs, ys, "-o", color="tab:blue")
+  for c, x, y in zip(checkpoints, xs, ys):
+    ax.annotate(c["stage"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="capability (test accuracy)", ylabel="safety (test)",
+         title="Capability and safety per checkpoint")
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_rewards(curves: dict[str, list[dict]], path: Path) -> None:
+  """Mean reward per component over the RL steps of every stage, stages side by side."""
+  fig, ax = plt.subplots(figsize=(8, 4))
+  offset = 0
+  for stage, rows in curves.items():
+    rows = [r for r in rows if any(k.startswith("reward/") for k in r)]
+    if not rows:
+      continue
+    names = sorted({k for r in rows for k in r if k.startswith("reward/") and k != "reward/with_kl_penalty"})
+    for name in names:
+      points = [(offset + r["step"], r[name]) for r in rows if _finite(r.get(name))]
+      if points:
+        ax.plot(*zip(*points), label=f"{stage}: {name[len('reward/'):]}", lw=1)
+    last = max(r["step"] for r in rows)
+    ax.axvline(offset + last, color="grey", lw=0.5)
+    offset += last
+  ax.set(xlabel="RL step (stages in order)", ylabel="mean reward", title="Reward components")
+  ax.legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_report(workdir: str | Path, checkpoints: Sequence[dict], curves: dict[str, list[dict]]) -> Path:
+  workdir = Path(workdir)
+  (workdir / "report.json").write_text(json.dumps({"checkpoints": list(checkpoints)}, indent=2) + "\n")
+  plot_ai45(checkpoints, workdir / "ai45.png")
+  plot_rewards(curves, workdir / "rewards.png")
+  keys = [k for k in ("capability", "safety", "value", "format", "response_tokens") if k in checkpoints[0]]
+  lines = ["# SafeLadder run report", "", "| stage | step | " + " | ".join(keys) + " |",
+           "|---|---|" + "---|" * len(keys)]
+  for c in checkpoints:
+    lines.append(f"| {c['stage']} | {c['step']} | " + " | ".join(f"{c[k]:.3f}" for k in keys) + " |")
+  tasks = sorted({k for c in checkpoints for k in c if k.startswith("task/")})
+  if tasks:
+    lines += ["", "Per task (accuracy):", "", "| stage | " + " | ".join(t[5:] for t in tasks) + " |",
+              "|---|" + "---|" * len(tasks)]
+    for c in checkpoints:
+      lines.append(f"| {c['stage']} | " + " | ".join(f"{c.get(t, float('nan')):.2f}" for t in tasks) + " |")
+  lines += ["", "![AI-45° trajectory](ai45.png)", "", "![Reward components](rewards.png)", ""]
+  (workdir / "report.md").write_text("\n".join(lines))
+  return workdir / "report.json"

@@ -1,0 +1,96 @@
+"""tensorflow-datasets builders: the tiny suite is deterministic and round-trips; user files round-trip; malformed
+rows fail with the file and line."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from safework.data import tiny_suite
+from safework.data.jsonl import DataError
+from safework.data.tiny_builder import SuiteSource, TinySuiteConfig, build, example_of
+from safework.data.user_builders import PromptSourceView, UserPrompts, prepare, user_example
+
+SIZES = dict(sft=20, train=30, validation=5, test=10)
+
+
+def _records(source):
+  return sorted((e.question, e.label, e.answer, trace, tuple(im.tobytes() for im in e.images))
+                for e, trace in map(example_of, source))
+
+
+def test_tiny_suite_is_deterministic_and_round_trips(tmp_path):
+  first = build(tmp_path / "a", TinySuiteConfig(name="s", seed=3, **SIZES)).as_data_source()
+  second = build(tmp_path / "b", TinySuiteConfig(name="s", seed=3, **SIZES)).as_data_source()
+  assert {k: len(v) for k, v in first.items()} == SIZES
+  for split in SIZES:
+    assert _records(first[split]) == _records(second[split])
+  # What the builder stored is what the generator made (tfds reorders records, so compare as sets).
+  generated = sorted((e.question, e.label, e.answer, t, tuple(im.tobytes() for im in e.images))
+                     for e, t in tiny_suite.generate("test", SIZES["test"], 3))
+  assert _records(first["test"]) == generated
+  images = [e.images[0] for e, _ in map(example_of, first["train"]) if e.images]
+  assert images and all(im.dtype == np.uint8 and im.shape == (56, 56, 3) for im in images)
+  safety = SuiteSource(first["train"], ("safety",))
+  assert len(safety) and all(safety[i].label == "safety" for i in range(len(safety)))
+
+
+def test_suite_covers_the_task_families():
+  examples = [e for e, _ in tiny_suite.generate("train", 400, 0)]
+  tasks = {e.meta["task"] for e in examples}
+  assert tasks == {"arithmetic", "colour", "shape", "fact", "harmful", "typographic", "benign", "value"}
+  categories = {e.meta["category"] for e in examples if e.meta["task"] == "harmful"}
+  assert categories == set(tiny_suite.HARMFUL)
+  traces = [t for _, t in tiny_suite.sft_traces(200, 0)]
+  assert all(t.startswith("<think>") and "</think>" in t for t in traces)
+  judgments = tiny_suite.judgments(0, 40)
+  assert {r["verdict"] for r in judgments["safety"]} == {"B", "C", "D", "E"}
+  assert {r["verdict"] for r in judgments["value"]} == {"good", "bad"}
+
+
+def _write_image(path):
+  PIL.Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(path)
+  return path.name
+
+
+def test_user_prompts_round_trip_from_jsonl_and_csv(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  image = _write_image(manual / "cat.png")
+  rows = [{"prompt": "what is shown?", "images": [image], "reference": "a cat", "label": "knowledge",
+           "meta": {"category": "animals"}, "response": "<think>fur</think> a cat"},
+          {"prompt": "2+2?", "reference": "4", "label": "general_rule"}]
+  (manual / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (manual / "test.csv").write_text('prompt,label,meta\n"how to pick a lock?",safety,"{""harmful"": true}"\n')
+  sources = prepare(UserPrompts, tmp_path / "data", manual).as_data_source()
+  train = sorted((user_example(r) for r in sources["train"]), key=lambda x: x[0].question)
+  assert [e.question for e, _ in train] == ["2+2?", "what is shown?"]
+  example, trace = train[1]
+  assert example.answer == "a cat" and example.label == "knowledge" and example.meta == {"category": "animals"}
+  assert example.images[0].shape == (30, 40, 3) and trace == "<think>fur</think> a cat"
+  assert train[0][0].images == () and train[0][1] == ""
+  test = PromptSourceView(sources["test"])
+  assert test[0].meta == {"harmful": True} and test[0].label == "safety"
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "ok"}\n{"reference": "no prompt"}\n', r"train.jsonl:2: field 'prompt' is missing"),
+    ('{"prompt": "ok"}\nnot json\n', r"train.jsonl:2: not valid JSON"),
+    ('{"prompt": "ok", "colour": "red"}\n', r"train.jsonl:1: unknown fields \['colour'\]"),
+    ('{"prompt": "ok", "images": ["missing.png"]}\n', r"train.jsonl:1: image 'missing.png' not found"),
+    ('{"prompt": "ok", "meta": [1, 2]}\n', r"train.jsonl:1: field 'meta' must be an object"),
+    ('["a list"]\n', r"train.jsonl:1: a row must be a JSON object"),
+])
+def test_malformed_user_rows_name_the_file_and_line(tmp_path, content, message):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "train.jsonl").write_text(content)
+  with pytest.raises(DataError, match=message):
+    prepare(UserPrompts, tmp_path / "data", manual)
+
+
+def test_a_directory_without_splits_is_an_error(tmp_path):
+  (tmp_path / "manual").mkdir()
+  with pytest.raises(DataError, match="has none of"):
+    prepare(UserPrompts, tmp_path / "data", tmp_path / "manual")
