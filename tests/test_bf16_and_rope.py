@@ -33,11 +33,15 @@ def test_bf16_forward_stays_close_to_fp32_and_to_transformers_bf16(hf_checkpoint
 
 
 @pytest.mark.parametrize("theta,dim", [(1e6, 128), (1e4, 40), (1e4, 16), (1e6, 16)])
-def test_inv_frequencies_within_one_ulp_of_torch(theta, dim):
-  expected = (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))).numpy()
+def test_inv_frequencies_are_correctly_rounded_and_within_two_ulp_of_torch(theta, dim):
   ours = inv_frequencies(theta, dim)
   assert ours.dtype == np.float32
-  assert np.all(np.abs(ours.view(np.int32) - expected.view(np.int32)) <= 1)
+  exponents = [float(np.float32(j) / np.float32(dim)) for j in range(0, dim, 2)]   # fp32, as transformers
+  exact = [1 / float(theta) ** e for e in exponents]   # Python floats: fp64 pow, independent of numpy's kernels
+  np.testing.assert_array_equal(ours, np.array(exact, dtype=np.float32))
+  # torch's fp32 pow is not correctly rounded: its vectorised kernels are off by up to 2 ulp on some CPUs.
+  torch_table = (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))).numpy()
+  assert np.all(np.abs(ours.view(np.int32) - torch_table.view(np.int32)) <= 2)
 
 
 def test_mrope_reduces_to_1d_rope_for_text():

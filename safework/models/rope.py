@@ -17,9 +17,14 @@ import numpy as np
 
 
 def inv_frequencies(theta: float, dim: int) -> np.ndarray:
-  """`1 / theta^(2j/dim)` for j < dim/2, in fp32 as transformers computes it."""
-  exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-  return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+  """`1 / theta^(2j/dim)` for j < dim/2 as transformers defines it, correctly rounded to fp32.
+
+  The exponent `2j/dim` is rounded to fp32 first, as transformers does (it moves the result by several ulp);
+  the power is then taken in fp64 and rounded once, because fp32 `pow` kernels are not correctly rounded and
+  differ by an ulp or two across CPUs.
+  """
+  exponent = (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)).astype(np.float64)
+  return (1.0 / np.float64(theta) ** exponent).astype(np.float32)
 
 
 def mrope_cos_sin(positions: jax.Array, theta: float, head_dim: int, mrope_section: Sequence[int],
