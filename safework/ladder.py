@@ -34,9 +34,9 @@ from safework.rl.optim import OptimSettings
 from safework.rl.rollout import RolloutSettings
 from safework.rl.trainer import RLTrainer, TrainSettings
 from safework.sft import SFTSettings, SFTTrainer
+from safework.verifiers.build import reward_from_config
 from safework.verifiers.judges import JUDGES
 from safework.verifiers.model_verifier import ModelVerifier
-from safework.verifiers.recipes import RecipeReward, rule_scorer
 from safework.verifiers.train import VerifierTrainSettings, VerifierTrainer, evaluate as evaluate_verifier
 from safework.verifiers.train import load_verifier, save_verifier
 
@@ -88,14 +88,6 @@ def train_verifiers(config: ml_collections.ConfigDict, workdir: Path, processor:
   return verifiers
 
 
-def stage_reward(stage: ml_collections.ConfigDict, verifiers: dict[str, ModelVerifier]) -> RecipeReward:
-  recipes = {label: tuple((n, float(w)) for n, w in items) for label, items in stage.reward.recipes.items()}
-  needed = {n for items in recipes.values() for n, _ in items}
-  rule_args = dict(stage.reward.get("rules", {}))
-  scorers = {n: verifiers[n] if n in verifiers else rule_scorer(n, **dict(rule_args.get(n, {}))) for n in needed}
-  return RecipeReward(scorers, recipes, stage.reward.format_weight)
-
-
 def run_ladder(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
   workdir = Path(workdir)
   mesh, rules = sharding.make_mesh(dict(config.mesh)), rules_of(config)
@@ -124,7 +116,7 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
       else:
         trainer = RLTrainer(
             model=model, params=params, processor=stage_processor,
-            source=SuiteSource(data["train"], tuple(stage.labels)), reward_fn=stage_reward(stage, verifiers),
+            source=SuiteSource(data["train"], tuple(stage.labels)), reward_fn=reward_from_config(stage.reward, mesh, rules, verifiers),
             rollout=settings(RolloutSettings, stage.rollout), loss=settings(LossSettings, stage.loss),
             optim=settings(OptimSettings, stage.optim), train=settings(TrainSettings, stage.train, seed=config.seed),
             workdir=out, mesh=mesh, rules=rules)

@@ -48,7 +48,7 @@ def reward_from_config(section: Mapping[str, Any], mesh: jax.sharding.Mesh, rule
   recipes = {label: tuple((name, float(w)) for name, w in items)
              for label, items in dict(section.get("recipes") or PAPER_RECIPES).items()}
   needed = {name for recipe in recipes.values() for name, _ in recipe}
-  scorers: dict[str, Scorer] = dict(extra_scorers or {})
+  scorers: dict[str, Scorer] = {n: s for n, s in (extra_scorers or {}).items() if n in needed}
   rule_args = dict(section.get("rules") or {})
   verifier_specs = dict(section.get("verifiers") or {})
   for name in sorted(needed - set(scorers)):
