@@ -20,11 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, me
 
 def run_rl(config, workdir: str) -> None:
   from safework.rl.build import rl_trainer_from_config
-  from safework.rl.trainer import Preempted
-  try:
-    rl_trainer_from_config(config, workdir).run()
-  except Preempted as e:
-    logging.warning("%s", e)
+  rl_trainer_from_config(config, workdir).run()
 
 
 def run_sft(config, workdir: str) -> None:
@@ -72,7 +68,11 @@ def main(argv) -> None:
   if config.job not in JOBS:
     raise ValueError(f"config.job={config.job!r}; choose one of {sorted(JOBS)}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  JOBS[config.job](config, _WORKDIR.value)
+  from safework.preemption import Preempted
+  try:
+    JOBS[config.job](config, _WORKDIR.value)
+  except Preempted as e:   # a checkpoint was saved: exit cleanly so the scheduler re-runs the same command
+    logging.warning("%s", e)
 
 
 if __name__ == "__main__":

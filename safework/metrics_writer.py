@@ -45,3 +45,10 @@ def _scalar(value) -> float | None:
 def read_metrics(workdir: str | Path) -> list[dict]:
   path = Path(workdir) / "metrics.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def truncate_metrics(workdir: str | Path, step: int) -> None:
+  """Drops the JSONL rows logged after `step` (a resumed run logs them again); call on the writing process only."""
+  path = Path(workdir) / "metrics.jsonl"
+  if path.exists():
+    path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(workdir) if r["step"] <= step))

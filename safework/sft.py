@@ -1,7 +1,8 @@
 """CoT-SFT: supervised fine-tuning on `<think> ... </think> answer` traces (SafeLadder stage 1).
 
 The same jitted update as RL (`make_train_step`) with a cross-entropy objective on the response tokens, the vision
-tower trainable. Batch k is a pure function of (seed, k), so a run resumes exactly from its latest checkpoint.
+tower trainable. Batch k is a pure function of (seed, k), so a run resumes exactly from its latest checkpoint; on
+SIGTERM the step in flight finishes, a checkpoint is saved and `Preempted` is raised.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import tqdm
 from safework import sharding
 from safework.checkpointing import Checkpointer, abstract_like
 from safework.data.example import Example
-from safework.metrics_writer import MetricsWriter
+from safework.metrics_writer import MetricsWriter, truncate_metrics
 from safework.models.inputs import prepare_inputs
 from safework.models.qwen2_5_vl import Qwen25VL
+from safework.preemption import Preempted, SigtermFlag
 from safework.processing import Processor
 from safework.rl.batch import SequenceBatch, VisionInputs, build_sequences, prompt_feature_index
 from safework.rl.optim import OptimSettings, make_optimizer
@@ -76,6 +78,8 @@ def sft_rows(examples: Sequence[Example], traces: Sequence[str], processor: Proc
 
 
 class SFTTrainer:
+  """Trains `params` (whose buffers it takes over: the first step donates them) on (example, trace) pairs."""
+
   def __init__(self, *, model: Qwen25VL, params, processor: Processor, traces: Sequence[tuple[Example, str]],
                settings: SFTSettings, optim: OptimSettings, workdir: str | Path, mesh: jax.sharding.Mesh,
                rules: sharding.Rules = sharding.DEFAULT_RULES):
@@ -104,8 +108,11 @@ class SFTTrainer:
       state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else
                            jax.device_put(x, replicated), state)
       checkpointer = Checkpointer(self.workdir / "checkpoints", keep=settings.keep_checkpoints)
-      if checkpointer.latest_step() is not None:
-        state, _, _ = checkpointer.restore(checkpointer.latest_step(), abstract_like(state))
+      latest = checkpointer.latest_step()
+      if latest is not None:
+        state, _, _ = checkpointer.restore(latest, abstract_like(state))
+        if jax.process_index() == 0:
+          truncate_metrics(self.workdir, latest)
       shardings = jax.tree.map(lambda x: x.sharding, state)
       step_fn = jax.jit(self._step_fn, donate_argnums=0, out_shardings=(shardings, None))
       writer = MetricsWriter(self.workdir, is_writer=jax.process_index() == 0)
@@ -113,19 +120,22 @@ class SFTTrainer:
                            disable=not settings.progress_bar or jax.process_index() != 0)
       place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))
       try:
-        while int(state.step) < settings.steps:
-          start = time.perf_counter()
-          batch, vision = self.batch(int(state.step))
-          state, metrics = step_fn(state, jax.tree.map(place, batch), jax.device_put(vision, replicated), None)
-          metrics = jax.device_get(metrics)
-          if not metrics["finite"]:
-            raise FloatingPointError(f"SFT step {int(state.step)}: non-finite loss or gradients; update dropped")
-          writer.write(int(state.step), {"sft_loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                                         "step_s": time.perf_counter() - start})
-          progress.update(1)
-          progress.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-          if int(state.step) % settings.checkpoint_every == 0 or int(state.step) == settings.steps:
-            checkpointer.save(int(state.step), state, {"step": int(state.step)})
+        with SigtermFlag() as sigterm:
+          while int(state.step) < settings.steps:
+            start = time.perf_counter()
+            batch, vision = self.batch(int(state.step))
+            state, metrics = step_fn(state, jax.tree.map(place, batch), jax.device_put(vision, replicated), None)
+            metrics, step = jax.device_get(metrics), int(state.step)
+            if not metrics["finite"]:
+              raise FloatingPointError(f"SFT step {step}: non-finite loss or gradients; update dropped")
+            writer.write(step, {"sft_loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                                "step_s": time.perf_counter() - start})
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+            if step % settings.checkpoint_every == 0 or step == settings.steps or sigterm.received:
+              checkpointer.save(step, state, {"step": step}, wait=sigterm.received)
+            if sigterm.received:
+              raise Preempted(f"SFT preempted at step {step}; the checkpoint in {checkpointer.directory} resumes it")
       finally:
         checkpointer.close()
         writer.close()

@@ -13,9 +13,9 @@ from experiments import toy_rl
 from safework.data import toy_digits
 from safework.checkpointing import Checkpointer
 from safework.metrics_writer import read_metrics
+from safework.preemption import Preempted
 from safework.rewards.base import Rewards
 from safework.rl.build import rl_trainer_from_config
-from safework.rl.trainer import Preempted
 
 
 def _config(**train):

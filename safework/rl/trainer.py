@@ -9,9 +9,7 @@ On SIGTERM (TPU preemption) the loop finishes the optimizer step in flight, save
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +22,9 @@ import tqdm
 from safework import sharding
 from safework.checkpointing import Checkpointer, abstract_like
 from safework.data.example import PromptSource, ShuffledStream
-from safework.metrics_writer import MetricsWriter, read_metrics
+from safework.metrics_writer import MetricsWriter, truncate_metrics
 from safework.models.qwen2_5_vl import Qwen25VL
+from safework.preemption import Preempted, SigtermFlag
 from safework.processing import Processor
 from safework.rewards.base import RewardFunction
 from safework.rl import losses, rollout as rollouts
@@ -54,10 +53,6 @@ class TrainSettings:
     if self.nan_policy not in ("skip", "stop"):
       raise ValueError(f"nan_policy={self.nan_policy!r}: choose 'skip' or 'stop'")
     return self
-
-
-class Preempted(Exception):
-  pass
 
 
 class RLTrainer:
@@ -92,7 +87,7 @@ class RLTrainer:
     self._train_step = None
     self._logprobs = jax.jit(make_logprob_fn(model, self.rollout_step_settings))
     self._features = jax.jit(lambda params, vision: vision_features(model, params, vision))
-    self._preempted = False
+    self._sigterm = SigtermFlag()
 
   # -- state ---------------------------------------------------------------------------------------------------
 
@@ -147,10 +142,6 @@ class RLTrainer:
 
   # -- the loop ------------------------------------------------------------------------------------------------
 
-  def _handle_sigterm(self, signum, frame):
-    log.warning("SIGTERM: finishing the current step, saving a checkpoint, then stopping")
-    self._preempted = True
-
   def run(self) -> TrainState:
     """Trains to the end (or to SIGTERM, raising `Preempted` after saving). Resumes from the latest checkpoint."""
     settings, train = self.rollout_settings, self.train_settings
@@ -163,13 +154,13 @@ class RLTrainer:
     if latest is not None:
       state, meta, data = checkpointer.restore(latest, abstract_like(state))
       rollout_index, minibatch_index = meta["rollout_index"], meta["minibatch_index"]
-      self._truncate_metrics(latest)
+      if jax.process_index() == 0:
+        truncate_metrics(self.workdir, latest)
       log.info("resumed from step %d (rollout %d, minibatch %d)", latest, rollout_index, minibatch_index)
-    previous = signal.signal(signal.SIGTERM, self._handle_sigterm) if _main_thread() else None
     progress = tqdm.tqdm(total=self.total_steps, initial=int(state.step), desc="rl", dynamic_ncols=True,
                          disable=not train.progress_bar or jax.process_index() != 0)
     try:
-      with jax.set_mesh(self.mesh):
+      with jax.set_mesh(self.mesh), self._sigterm:
         while rollout_index < train.rollouts:
           rollout_metrics = {}
           if data is None:
@@ -184,20 +175,12 @@ class RLTrainer:
       checkpointer.close()
       writer.close()
       progress.close()
-      if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
     return state
 
   def _meta(self, rollout_index: int, minibatch_index: int) -> dict[str, Any]:
     key = np.asarray(jax.random.key_data(jax.random.key(self.train_settings.seed))).tolist()
     return {"rollout_index": rollout_index, "minibatch_index": minibatch_index, "seed": self.train_settings.seed,
             "rng_key": key, "data_position": rollout_index * self.rollout_settings.prompts_per_rollout}
-
-  def _truncate_metrics(self, step: int) -> None:
-    rows = [r for r in read_metrics(self.workdir) if r["step"] <= step]
-    path = self.workdir / "metrics.jsonl"
-    if path.exists() and jax.process_index() == 0:
-      path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
   def _train_on(self, state: TrainState, data: rollouts.Rollout, rollout_index: int, first_minibatch: int,
                 rollout_metrics: dict, checkpointer: Checkpointer, writer: MetricsWriter, progress) -> TrainState:
@@ -232,15 +215,11 @@ class RLTrainer:
       self._last_reward = rollout_metrics.get("reward/total", getattr(self, "_last_reward", np.nan))
       progress.set_postfix(reward=f"{self._last_reward:.3f}", loss=f"{record['loss']:.4f}")
       last_of_rollout = index + 1 == len(order)
-      if step % train.checkpoint_every == 0 or self._preempted:
+      preempted = self._sigterm.received
+      if step % train.checkpoint_every == 0 or preempted:
         position = (rollout_index + 1, 0) if last_of_rollout else (rollout_index, index + 1)
-        checkpointer.save(step, state, self._meta(*position), None if last_of_rollout else data, wait=self._preempted)
-      if self._preempted:
+        checkpointer.save(step, state, self._meta(*position), None if last_of_rollout else data, wait=preempted)
+      if preempted:
         raise Preempted(f"preempted at step {step}; the checkpoint in {checkpointer.directory} resumes the run")
     return state
-
-
-def _main_thread() -> bool:
-  import threading
-  return threading.current_thread() is threading.main_thread()
 
