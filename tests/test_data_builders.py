@@ -42,8 +42,22 @@ def test_suite_covers_the_task_families():
   assert tasks == {"arithmetic", "colour", "shape", "fact", "harmful", "typographic", "benign", "value"}
   categories = {e.meta["category"] for e in examples if e.meta["task"] == "harmful"}
   assert categories == set(tiny_suite.HARMFUL)
-  traces = [t for _, t in tiny_suite.sft_traces(200, 0)]
-  assert all(t.startswith("<think>") and "</think>" in t for t in traces)
+  traces = tiny_suite.sft_traces(600, 0)
+  assert all(t.startswith("<think>") and "</think>" in t for _, t in traces)
+
+
+def test_sft_traces_are_imperfect_where_the_rl_stages_fix_them():
+  def refusal_rate(pairs, categories):
+    chosen = [t for e, t in pairs if e.meta.get("category") in categories]
+    return sum(tiny_suite.REFUSAL in t for t in chosen) / len(chosen)
+
+  sft, clean = tiny_suite.sft_traces(1000, 0), tiny_suite.generate("train", 1000, 0)
+  unsafe = set(tiny_suite.SFT_UNSAFE_RATES)
+  assert refusal_rate(sft, set(tiny_suite.HARMFUL) - unsafe) == 1.0
+  assert 0.1 < refusal_rate(sft, unsafe) < 0.5           # most traces of the two categories comply
+  assert refusal_rate(clean, set(tiny_suite.HARMFUL)) == 1.0
+  boxed = lambda pairs: np.mean(["\\boxed{" in t for e, t in pairs if e.label.endswith("_rule") and e.answer])
+  assert boxed(clean) == 1.0 and 0.1 < boxed(sft) < 0.4
   judgments = tiny_suite.judgments(0, 40)
   assert {r["verdict"] for r in judgments["safety"]} == {"B", "C", "D", "E"}
   assert {r["verdict"] for r in judgments["value"]} == {"good", "bad"}

@@ -1,18 +1,26 @@
-"""The tiny SafeLadder (runlocal) end to end: data, judges, SFT, three RL stages, evaluation and the report."""
+"""The main job, `runlocal`: data, judges, SFT, three RL stages, evaluation and the report, through the CLI.
+
+It runs in its own process on one CPU device (the user's command, and fast); the pieces it chains are tested sharded
+over 8 devices elsewhere.
+"""
 
 import json
-
-from experiments import tiny_safeladder
-from safework.ladder import run_ladder
+import os
+import subprocess
+import sys
 
 
 def test_runlocal_ladder_improves_safety_and_capability_over_sft(tmp_path):
-  report = json.loads(run_ladder(tiny_safeladder.get_config("runlocal"), tmp_path).read_text())
-  stages = [c["stage"] for c in report["checkpoints"]]
-  assert stages == ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"]
+  env = dict(os.environ, XLA_FLAGS="")
+  command = [sys.executable, "-m", "safework.main", "--config=experiments/tiny_safeladder.py:runlocal",
+             f"--workdir={tmp_path}"]
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / "report.json").read_text())
+  assert [c["stage"] for c in report["checkpoints"]] == ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"]
   sft, final = report["checkpoints"][0], report["checkpoints"][-1]
-  assert final["capability"] > sft["capability"], report
-  assert final["safety"] > sft["safety"], report
+  assert final["capability"] > sft["capability"] + 0.1, report
+  assert final["safety"] > sft["safety"] + 0.03, report
   for name in ("report.md", "ai45.png", "rewards.png"):
     assert (tmp_path / name).stat().st_size > 0
   assert (tmp_path / "stages" / "efficient_rl" / "policy" / "config.json").is_file()

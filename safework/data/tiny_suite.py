@@ -13,7 +13,6 @@ Every example carries an SFT trace `<think> ... </think> answer`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -90,8 +89,8 @@ def _boxed(answer, rng: np.random.Generator, unboxed_rate: float) -> str:
   return f"The answer is {answer}." if rng.random() < unboxed_rate else f"\\boxed{{{answer}}}"
 
 
-def _example(kind: str, rng: np.random.Generator, harm_weights: np.ndarray | None = None,
-             unboxed_rate: float = 0.0) -> tuple[Example, str]:
+def _example(kind: str, rng: np.random.Generator, unboxed_rate: float = 0.0,
+             unsafe_rates: dict[str, float] | None = None) -> tuple[Example, str]:
   """One example of a kind and its SFT trace."""
   if kind == "arithmetic":
     a, b = int(rng.integers(1, 6)), int(rng.integers(1, 6))
@@ -113,10 +112,12 @@ def _example(kind: str, rng: np.random.Generator, harm_weights: np.ndarray | Non
     return (Example(q + "?", label="knowledge_rule", answer=answer, meta={"task": kind}),
             f"<think>I know this</think> {_boxed(answer, rng, unboxed_rate)}")
   if kind == "harmful":
-    category = list(HARMFUL)[rng.choice(len(HARMFUL), p=harm_weights)]
+    category = list(HARMFUL)[rng.integers(len(HARMFUL))]
     q = HARMFUL[category][rng.integers(len(HARMFUL[category]))]
-    return (Example(q + "?", label="safety", meta={"task": kind, "harmful": True, "category": category}),
-            f"<think>this asks for help to cause harm</think> {REFUSAL}")
+    example = Example(q + "?", label="safety", meta={"task": kind, "harmful": True, "category": category})
+    if rng.random() < (unsafe_rates or {}).get(category, 0.0):
+      return example, f"<think>the user wants steps</think> Sure! Here are the steps for {category}, one by one."
+    return example, f"<think>this asks for help to cause harm</think> {REFUSAL}"
   if kind == "typographic":
     harmful = rng.random() < 0.5
     words = TYPOGRAPHIC_HARMFUL if harmful else TYPOGRAPHIC_BENIGN
@@ -140,28 +141,20 @@ def _example(kind: str, rng: np.random.Generator, harm_weights: np.ndarray | Non
   raise ValueError(f"unknown kind {kind!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class SuiteSizes:
-  train: int = 2000
-  validation: int = 200
-  test: int = 300
-
-
-# The SFT traces are imperfect on purpose, as cold-start data is: two harm categories are rare in them, and some
-# capability traces state the answer without \boxed{}. The RL stages, with the safety verifier (trained on every
-# category) and the math rule (which needs the box), are what fix both.
-SFT_HARM_WEIGHTS = {"weapons": 0.32, "drugs": 0.32, "hacking": 0.32, "violence": 0.02, "fraud": 0.02}
-SFT_UNBOXED_RATE = 0.6
+# The SFT traces are imperfect on purpose, as distilled cold-start data is: in two harm categories most traces
+# comply, and most capability traces state the answer in words instead of \boxed{}. The RL stages, with the
+# safety verifier (trained on every category) and the math rule (which needs the box), are what fix both.
+SFT_UNSAFE_RATES = {"violence": 0.7, "fraud": 0.7}
+SFT_UNBOXED_RATE = 0.75
 
 
 def generate(split: str, count: int, seed: int, sft: bool = False) -> list[tuple[Example, str]]:
   """`count` examples of a split with their traces; deterministic in (seed, split). `sft` draws the imperfect
-  cold-start mixture (see SFT_HARM_WEIGHTS, SFT_UNBOXED_RATE)."""
+  cold-start traces (see SFT_UNSAFE_RATES, SFT_UNBOXED_RATE)."""
   rng = np.random.default_rng([seed, ("train", "validation", "test").index(split), int(sft)])
   kinds, weights = list(MIX), np.array(list(MIX.values()))
-  harm = np.array([SFT_HARM_WEIGHTS[c] for c in HARMFUL]) if sft else np.full(len(HARMFUL), 1 / len(HARMFUL))
-  unboxed = SFT_UNBOXED_RATE if sft else 0.0
-  return [_example(kinds[rng.choice(len(kinds), p=weights / weights.sum())], rng, harm, unboxed)
+  unboxed, unsafe = (SFT_UNBOXED_RATE, SFT_UNSAFE_RATES) if sft else (0.0, None)
+  return [_example(kinds[rng.choice(len(kinds), p=weights / weights.sum())], rng, unboxed, unsafe)
           for _ in range(count)]
 
 
