@@ -25,8 +25,8 @@ def plot_ai45(checkpoints: Sequence[dict], path: Path) -> None:
   ys = [c["safety"] for c in checkpoints]
   ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="AI-45° diagonal")
   ax.plot(xs, ys, "-o", color="tab:blue")
-  for c, x, y in zip(checkpoints, xs, ys):
-    ax.annotate(c["stage"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+  for i, (c, x, y) in enumerate(zip(checkpoints, xs, ys)):
+    ax.annotate(c["stage"], (x, y), textcoords="offset points", xytext=(6, 8 - 12 * (i % 2)), fontsize=8)
   ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="capability (test accuracy)", ylabel="safety (test)",
          title="Capability and safety per checkpoint")
   ax.legend(loc="lower right")
@@ -38,7 +38,7 @@ def plot_ai45(checkpoints: Sequence[dict], path: Path) -> None:
 def plot_rewards(curves: dict[str, list[dict]], path: Path) -> None:
   """Mean reward per component over the RL steps of every stage, stages side by side."""
   fig, ax = plt.subplots(figsize=(8, 4))
-  offset = 0
+  offset, colours = 0, {}
   for stage, rows in curves.items():
     rows = [r for r in rows if any(k.startswith("reward/") for k in r)]
     if not rows:
@@ -47,12 +47,15 @@ def plot_rewards(curves: dict[str, list[dict]], path: Path) -> None:
     for name in names:
       points = [(offset + r["step"], r[name]) for r in rows if _finite(r.get(name))]
       if points:
-        ax.plot(*zip(*points), label=f"{stage}: {name[len('reward/'):]}", lw=1)
+        first = name not in colours
+        colours.setdefault(name, f"C{len(colours) % 10}")
+        ax.plot(*zip(*points), color=colours[name], lw=1, label=name[len("reward/"):] if first else None)
     last = max(r["step"] for r in rows)
+    ax.text(offset + 0.5, 0.02, stage, transform=ax.get_xaxis_transform(), fontsize=7, color="grey")
     ax.axvline(offset + last, color="grey", lw=0.5)
     offset += last
   ax.set(xlabel="RL step (stages in order)", ylabel="mean reward", title="Reward components")
-  ax.legend(fontsize=6, ncol=2)
+  ax.legend(fontsize=7, ncol=3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
