@@ -30,11 +30,11 @@ def _rewards(workdir):
 
 
 def test_toy_rl_raises_the_reward(tmp_path):
-  rl_trainer_from_config(_config(), tmp_path).run()
+  rl_trainer_from_config(_config(rollouts=6), tmp_path).run()
   rewards = _rewards(tmp_path)
-  assert len(rewards) == 10
-  # Measured: 0.09 at the first rollout, about 0.33 after ten (seed 0). The margin asserted is 0.15.
-  assert np.mean(rewards[-2:]) - rewards[0] > 0.15, rewards
+  assert len(rewards) == 6
+  # Measured (seed 0, 8 devices): 0.093 0.106 0.154 0.205 0.257 0.309, rising to 0.39 by rollout ten.
+  assert np.mean(rewards[-2:]) - rewards[0] > 0.12, rewards
 
 
 class _Interrupt:
@@ -58,7 +58,7 @@ def _final_params(workdir, config):
   return jax.device_get(state.params)
 
 
-RESUME_CONFIG = dict(rollouts=3, checkpoint_every=2)
+RESUME_CONFIG = dict(rollouts=2, checkpoint_every=2)   # 4 optimizer steps per rollout
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path, unin
   resumed = _final_params(interrupted, config)
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted_params)
   steps = [r["step"] for r in read_metrics(interrupted)]
-  assert steps == sorted(set(steps)) and steps[-1] == 12   # no step logged twice after the resume
+  assert steps == sorted(set(steps)) and steps[-1] == 8   # no step logged twice after the resume
 
 
 def test_non_finite_rewards_and_updates_are_reported(tmp_path):
