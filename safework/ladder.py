@@ -116,7 +116,8 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
       else:
         trainer = RLTrainer(
             model=model, params=params, processor=stage_processor,
-            source=SuiteSource(data["train"], tuple(stage.labels)), reward_fn=reward_from_config(stage.reward, mesh, rules, verifiers),
+            source=SuiteSource(data["train"], tuple(stage.labels)),
+            reward_fn=reward_from_config(stage.reward, mesh, rules, extra_scorers=verifiers),
             rollout=settings(RolloutSettings, stage.rollout), loss=settings(LossSettings, stage.loss),
             optim=settings(OptimSettings, stage.optim), train=settings(TrainSettings, stage.train, seed=config.seed),
             workdir=out, mesh=mesh, rules=rules)

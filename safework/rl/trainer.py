@@ -222,4 +222,3 @@ class RLTrainer:
       if preempted:
         raise Preempted(f"preempted at step {step}; the checkpoint in {checkpointer.directory} resumes the run")
     return state
-
