@@ -6,7 +6,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 from safework.data import toy_digits
-from safework.data.example import Example, PromptSource
+from safework.data.example import PromptSource
 from safework.rewards.base import RewardFunction
 
 
@@ -28,7 +28,3 @@ def get_task(name: str) -> Task:
     raise KeyError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
   return TASKS[name]
 
-
-def examples_of(task: Task, seed: int) -> list[Example]:
-  source = task.source(seed)
-  return [source[i] for i in range(len(source))]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -64,6 +64,3 @@ class ShuffledStream:
       out.append(self.source[int(self._order(epoch)[offset])])
     return out
 
-
-def as_source(examples: Sequence[Example]) -> PromptSource:
-  return list(examples)
