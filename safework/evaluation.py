@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+import tqdm
 
 from safework.data.example import Example
 from safework.models.qwen2_5_vl import Qwen25VL
@@ -43,7 +44,8 @@ def generate_greedy(model: Qwen25VL, params, processor: Processor, examples: Seq
                               eos_ids=tuple(sorted((eos_ids | {tokenizer.eos_token_id}) - {None})),
                               pad_id=tokenizer.pad_token_id, vocab_limit=len(tokenizer))
   texts, lengths = [], []
-  for start in range(0, len(examples), settings.batch_size):
+  starts = range(0, len(examples), settings.batch_size)
+  for start in tqdm.tqdm(starts, desc="eval", dynamic_ncols=True, disable=jax.process_index() != 0):
     chunk = list(examples[start:start + settings.batch_size])
     rows = chunk + [chunk[0]] * (settings.batch_size - len(chunk))
     batch = processor([processor.render(e.messages()) for e in rows], images=[im for e in rows for im in e.images],

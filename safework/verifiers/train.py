@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from safetensors.numpy import load_file, save_file
 
 from safework import sharding
@@ -40,6 +41,7 @@ class VerifierTrainSettings:
   batch_size: int = 16
   weight_decay: float = 0.0
   seed: int = 0
+  progress_bar: bool = True
 
   def validate(self) -> "VerifierTrainSettings":
     if self.objective not in OBJECTIVES:
@@ -105,7 +107,8 @@ class VerifierTrainer:
     trainable = jax.tree.map(jnp.copy, self.trainable)
     opt_state = self.tx.init(trainable)
     losses = []
-    for _ in range(self.settings.steps):
+    for _ in tqdm.trange(self.settings.steps, desc="verifier", dynamic_ncols=True,
+                         disable=not self.settings.progress_bar or jax.process_index() != 0):
       picked = [rows[i] for i in rng.choice(len(rows), self.settings.batch_size, replace=len(rows) < self.settings.batch_size)]
       arrays, targets = self._batch(picked)
       prepared = self.verifier.prepare(arrays)
