@@ -116,7 +116,7 @@ class SFTTrainer:
       shardings = jax.tree.map(lambda x: x.sharding, state)
       step_fn = jax.jit(self._step_fn, donate_argnums=0, out_shardings=(shardings, None))
       writer = MetricsWriter(self.workdir, is_writer=jax.process_index() == 0)
-      progress = tqdm.tqdm(total=settings.steps, initial=int(state.step), desc=f"sft {self.workdir.name}", dynamic_ncols=True,
+      progress = tqdm.tqdm(total=settings.steps, initial=int(state.step), desc=self.workdir.name, dynamic_ncols=True,
                            disable=not settings.progress_bar or jax.process_index() != 0)
       place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))
       try:

@@ -157,7 +157,7 @@ class RLTrainer:
       if jax.process_index() == 0:
         truncate_metrics(self.workdir, latest)
       log.info("resumed from step %d (rollout %d, minibatch %d)", latest, rollout_index, minibatch_index)
-    progress = tqdm.tqdm(total=self.total_steps, initial=int(state.step), desc=f"rl {self.workdir.name}", dynamic_ncols=True,
+    progress = tqdm.tqdm(total=self.total_steps, initial=int(state.step), desc=self.workdir.name, dynamic_ncols=True,
                          disable=not train.progress_bar or jax.process_index() != 0)
     try:
       with jax.set_mesh(self.mesh), self._sigterm:
