@@ -91,7 +91,7 @@ class SFTTrainer:
     self.params = params
     micro = settings.micro_batch_size or settings.batch_size
     step_settings = StepSettings(micro_batches=settings.batch_size // micro, logprob_chunk=settings.logprob_chunk,
-                                 vision_trainable=not any(p.startswith("visual") for p in optim.freeze_prefixes))
+                                 vision_trainable=optim.vision_trainable)
     self._step_fn = make_train_step(model, self.tx, cross_entropy_objective, step_settings)
 
   def batch(self, step: int) -> tuple[SequenceBatch, VisionInputs]:
@@ -103,7 +103,8 @@ class SFTTrainer:
     """Trains `steps` steps (resuming from the latest checkpoint) and returns the parameters."""
     settings = self.settings
     with jax.set_mesh(self.mesh):
-      state = TrainState(step=jnp.zeros((), jnp.int32), params=self.params, opt_state=jax.jit(self.tx.init)(self.params))
+      opt_state = jax.jit(self.tx.init)(self.params)
+      state = TrainState(step=jnp.zeros((), jnp.int32), params=self.params, opt_state=opt_state)
       replicated = sharding.replicated(self.mesh)
       state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else
                            jax.device_put(x, replicated), state)

@@ -113,3 +113,9 @@ def test_non_finite_updates_are_dropped(rollout):
   state, metrics = _step(model, params, poisoned, vision)
   assert not metrics["finite"] and int(state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, state.params, params)
+
+
+@pytest.mark.parametrize("prefixes,trainable", [(("visual",), False), (("visual/",), False), ((), True),
+                                                (("visual/merger",), True), (("decoder/layers_0",), True)])
+def test_vision_features_leave_the_gradient_only_when_the_whole_tower_is_frozen(prefixes, trainable):
+  assert OptimSettings(freeze_prefixes=prefixes).vision_trainable is trainable

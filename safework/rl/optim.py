@@ -22,6 +22,11 @@ class OptimSettings:
   grad_clip: float = 1.0
   freeze_prefixes: tuple[str, ...] = ("visual",)   # parameter paths ("visual", "decoder/layers_0", ...)
 
+  @property
+  def vision_trainable(self) -> bool:
+    """False when the whole vision tower is frozen: its features are then computed outside the gradient."""
+    return not any(p.rstrip("/") == "visual" for p in self.freeze_prefixes)
+
 
 def schedule(settings: OptimSettings, total_steps: int) -> optax.Schedule:
   warmup = max(1, int(round(settings.warmup_fraction * total_steps))) if settings.warmup_fraction else 0

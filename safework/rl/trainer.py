@@ -72,7 +72,7 @@ class RLTrainer:
     if rollout.minibatch_size % micro:
       raise ValueError(f"micro_batch_size {micro} does not divide minibatch_size {rollout.minibatch_size}")
     self.step_settings = StepSettings(micro_batches=rollout.minibatch_size // micro, logprob_chunk=train.logprob_chunk,
-                                      vision_trainable=not any(p in ("visual", "visual/") for p in optim.freeze_prefixes))
+                                      vision_trainable=optim.vision_trainable)
     self.rollout_step_settings = dataclasses.replace(self.step_settings, micro_batches=rollout.rows // micro)
     self.tx = make_optimizer(optim, self.total_steps, params)
     self.initial_params = params
