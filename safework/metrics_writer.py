@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Mapping
 
+import jax
 import numpy as np
 
 
@@ -48,7 +49,7 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 
 
 def truncate_metrics(workdir: str | Path, step: int) -> None:
-  """Drops the JSONL rows logged after `step` (a resumed run logs them again); call on the writing process only."""
+  """Drops the JSONL rows logged after `step` (a resumed run logs them again); process 0 writes the file."""
   path = Path(workdir) / "metrics.jsonl"
-  if path.exists():
+  if path.exists() and jax.process_index() == 0:
     path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(workdir) if r["step"] <= step))

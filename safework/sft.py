@@ -112,13 +112,12 @@ class SFTTrainer:
       latest = checkpointer.latest_step()
       if latest is not None:
         state, _, _ = checkpointer.restore(latest, abstract_like(state))
-        if jax.process_index() == 0:
-          truncate_metrics(self.workdir, latest)
+        truncate_metrics(self.workdir, latest)
       shardings = jax.tree.map(lambda x: x.sharding, state)
       step_fn = jax.jit(self._step_fn, donate_argnums=0, out_shardings=(shardings, None))
       writer = MetricsWriter(self.workdir, is_writer=jax.process_index() == 0)
-      progress = tqdm.tqdm(total=settings.steps, initial=int(state.step), desc=self.workdir.name, dynamic_ncols=True,
-                           disable=not settings.progress_bar or jax.process_index() != 0)
+      progress = tqdm.tqdm(total=settings.steps, initial=int(state.step), desc=self.workdir.name,
+                           dynamic_ncols=True, disable=not settings.progress_bar or jax.process_index() != 0)
       place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))
       try:
         with SigtermFlag() as sigterm:

@@ -154,8 +154,7 @@ class RLTrainer:
     if latest is not None:
       state, meta, data = checkpointer.restore(latest, abstract_like(state))
       rollout_index, minibatch_index = meta["rollout_index"], meta["minibatch_index"]
-      if jax.process_index() == 0:
-        truncate_metrics(self.workdir, latest)
+      truncate_metrics(self.workdir, latest)
       log.info("resumed from step %d (rollout %d, minibatch %d)", latest, rollout_index, minibatch_index)
     progress = tqdm.tqdm(total=self.total_steps, initial=int(state.step), desc=self.workdir.name, dynamic_ncols=True,
                          disable=not train.progress_bar or jax.process_index() != 0)
