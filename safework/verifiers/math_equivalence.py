@@ -3,8 +3,9 @@
 Both sides are normalised (spacing, `\\left`/`\\right`, `\\dfrac`, `\\text{units}`, degrees, percent, thousands
 separators, a trailing period, `x =` prefixes); tuples compare element-wise; each element is parsed by a small
 arithmetic parser (numbers, + - * / ^, parentheses, implicit products, \\frac, \\sqrt, \\pi, mixed numbers) and
-compared exactly, within a relative tolerance, or (for a rounded decimal) at its own number of places; what does
-not parse compares as normalised text. No `eval`.
+compared exactly (rationals), up to float rounding (two irrational expressions), or, for a decimal against an
+exact expression, at the decimal's own number of places. Two plain numbers must be equal: no tolerance a policy
+could learn to exploit (0.46 never matches 0.5). What does not parse compares as normalised text. No `eval`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import re
 from fractions import Fraction
 
-REL_TOL = 1e-4
+FLOAT_TOL = 1e-9   # two inexact expressions (roots, pi) agree up to float rounding
 
 
 def last_boxed(text: str) -> str | None:
@@ -183,18 +184,22 @@ def _equal_elements(a: str, b: str) -> bool:
     return False
   if isinstance(x, Fraction) and isinstance(y, Fraction) and x == y:
     return True
-  if math.isclose(float(x), float(y), rel_tol=REL_TOL, abs_tol=1e-9):
-    return True
-  # A rounded decimal matches the exact value rounded to as many places: 0.3333 == 1/3, 3.14 == \pi.
-  for text, exact, rounded in ((a, y, x), (b, x, y)):
+  # A decimal rounded to k >= 1 places matches an exact expression (a fraction, a root, pi) rounded to k places:
+  # 0.3333 == 1/3, 3.14 == \pi. Two plain numbers must be equal: 0.46 is not 0.5, 2.96 is not 3.0.
+  for text, other_text, rounded, exact in ((a, b, x, y), (b, a, y, x)):
     places = _decimal_places(text)
-    if places and round(float(exact), places) == round(float(rounded), places):
+    if places and not _PLAIN.fullmatch(other_text) and round(float(exact), places) == float(rounded):
       return True
-  return False
+  if isinstance(x, Fraction) and isinstance(y, Fraction) or _PLAIN.fullmatch(a) or _PLAIN.fullmatch(b):
+    return False
+  return math.isclose(float(x), float(y), rel_tol=FLOAT_TOL, abs_tol=FLOAT_TOL)   # two inexact expressions
+
+
+_PLAIN = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)")
 
 
 def _decimal_places(text: str) -> int:
-  match = re.fullmatch(r"-?\d*\.(\d+)", text)
+  match = re.fullmatch(r"[-+]?\d*\.(\d+)", text)
   return len(match.group(1)) if match else 0
 
 
