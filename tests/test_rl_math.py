@@ -20,27 +20,60 @@ def test_group_zscore_uses_the_unbiased_std():
   np.testing.assert_allclose(adv.group_mean_centered(jnp.asarray(r)), r - r.mean(1, keepdims=True))
 
 
-def _length_conditional_by_hand(r, lengths, l_max, lam, alpha, beta):
+# The paper's reward values (safework_r1.md section 3): format 1 + a bare refusal 0.1, a refusal alone, an
+# illogical completion 0.01, ... Eight equal fp32 rewards of these do not average back to themselves.
+PAPER_VALUES = [0.1, 1.1, 1.01, 0.01, 1.0, 2.0, 0.0, 1.5]
+
+
+@pytest.mark.parametrize("value", PAPER_VALUES)
+@pytest.mark.parametrize("name", adv.ESTIMATORS)
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage(name, value):
+  rewards = jnp.full((3, 8), value, jnp.float32)   # the sampler's fp32 sums, as a rollout holds them
+  lengths = jnp.tile(jnp.asarray([[12] * 8]), (3, 1))
+  got = np.asarray(adv.compute_advantages(name, rewards, lengths))
+  assert np.all(got == 0.0), got
+  # The unguarded fp32 z-score of such a group is what the old estimator gave: -0.83 for 0.1, -0.93 for 1.01.
+  naive = (rewards - rewards.mean(-1, keepdims=True)) / (jnp.std(rewards, -1, keepdims=True, ddof=1) + 1e-9)
+  assert value not in (0.1, 1.01, 0.01) or float(jnp.abs(naive).max()) > 0.4
+
+
+def _length_conditional_by_hand(r, lengths, scale, lam, alpha, beta):
   out = np.zeros_like(r)
   for p in range(r.shape[0]):
-    order = sorted(range(r.shape[1]), key=lambda i: (lengths[p, i], i))
-    short, long = order[:(len(order) + 1) // 2], order[(len(order) + 1) // 2:]
+    median = np.median(lengths[p])
+    long = [i for i in range(r.shape[1]) if lengths[p, i] > median]
+    short = [i for i in range(r.shape[1]) if lengths[p, i] <= median]
+    if not long:
+      out[p] = (r[p] - r[p].mean()) / scale
+      continue
     mu_s, mu_l = r[p, short].mean(), r[p, long].mean()
     for i in long:
-      out[p, i] = (lam * (alpha * r[p, i] - mu_s + beta) + (1 - lam) * (r[p, i] - mu_l)) / l_max
+      out[p, i] = (lam * (alpha * r[p, i] - mu_s + beta) + (1 - lam) * (r[p, i] - mu_l)) / scale
     for i in short:
-      out[p, i] = (lam * (r[p, i] - alpha * mu_l - beta) + (1 - lam) * (r[p, i] - mu_s)) / l_max
+      out[p, i] = (lam * (r[p, i] - alpha * mu_l - beta) + (1 - lam) * (r[p, i] - mu_s)) / scale
   return out
 
 
 @pytest.mark.parametrize("g", [4, 5])
 def test_length_conditional_advantage(g):
-  r = RNG.random((3, g))
-  lengths = RNG.integers(5, 50, (3, g))
-  lengths[0, :2] = 7   # a tie, broken by index
-  got = adv.length_conditional(jnp.asarray(r), jnp.asarray(lengths), 64.0, lam=0.6, alpha=0.9, beta=0.05)
+  r = RNG.random((4, g))
+  lengths = RNG.integers(5, 50, (4, g))
+  lengths[0, :2] = 7          # a tie
+  lengths[1, :] = 9           # all equal: no split, mean-centred
+  lengths[2, 1:] = lengths[2, 0]   # a tie across the median
+  got = adv.length_conditional(jnp.asarray(r), jnp.asarray(lengths), lam=0.6, alpha=0.9, beta=0.05, scale=64.0)
   np.testing.assert_allclose(got, _length_conditional_by_hand(r, lengths, 64.0, 0.6, 0.9, 0.05), rtol=1e-5,
                              atol=1e-7)
+
+
+def test_length_conditional_defaults_prefer_brevity_and_alpha_one_is_mean_centring():
+  r = np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]])
+  lengths = np.array([[10, 20, 30, 40], [10, 20, 30, 40]])
+  equal = adv.length_conditional(r, lengths)   # the defaults: lam 0.5, alpha 0.9, beta 0
+  assert equal[0, 0] > 0 and equal[0, 1] > 0 and equal[0, 2] < 0 and equal[0, 3] < 0
+  np.testing.assert_allclose(equal[0], [0.05, 0.05, -0.05, -0.05], atol=1e-7)   # lam * (1 - alpha) * r
+  neutral = adv.length_conditional(r, lengths, alpha=1.0, beta=0.0)
+  np.testing.assert_allclose(neutral, r - r.mean(1, keepdims=True), atol=1e-7)
 
 
 def _grad(fn, logp):
@@ -162,4 +195,4 @@ def test_settings_validation():
   with pytest.raises(ValueError, match="policy_loss"):
     losses.LossSettings(policy_loss="reinforce").validate()
   with pytest.raises(ValueError, match="unknown advantage"):
-    adv.compute_advantages("rloo", jnp.zeros((1, 2)), jnp.zeros((1, 2)), 8)
+    adv.compute_advantages("rloo", jnp.zeros((1, 2)), jnp.zeros((1, 2)))
