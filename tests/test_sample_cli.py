@@ -34,4 +34,4 @@ def test_cli_prints_the_greedy_completion(chat_checkpoint, tmp_path):
                                                        {"type": "text", "text": "describe the picture"}]}])
   settings = SamplingSettings(max_new_tokens=6, temperature=0.0, eos_ids=(2,), pad_id=0)
   output = Sampler(model).generate(params, processor([text], images=[image]), jax.random.key(0), settings)
-  assert result.stdout == (decode_rows(processor.tokenizer, output)[0] + "\n").encode()
+  assert result.stdout == (decode_rows(processor.tokenizer, output.tokens, output.lengths)[0] + "\n").encode()

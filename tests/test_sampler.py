@@ -92,8 +92,9 @@ def test_sampling_distribution_matches_the_truncated_softmax(settings):
   logits = jnp.asarray([[2.0, 1.5, 1.2, 0.3, 0.0, -0.4, -1.0, -2.5]])
   draws = 40_000
   keys = jax.random.split(jax.random.key(7), draws)
-  tokens = jax.jit(jax.vmap(lambda k: sample_tokens(k, logits, settings)[0]))(keys)
-  empirical = np.bincount(np.asarray(tokens), minlength=8) / draws
+  tokens, behaviour = jax.jit(jax.vmap(lambda k: sample_tokens(k, logits, settings)))(keys)
+  tokens, behaviour = np.asarray(tokens)[:, 0], np.asarray(behaviour)[:, 0]
+  empirical = np.bincount(tokens, minlength=8) / draws
   # The reference distribution, computed independently in numpy: temperature, then top-k, then nucleus.
   scaled = np.asarray(logits[0], np.float64) / settings.temperature
   order = np.argsort(-scaled)
@@ -111,6 +112,8 @@ def test_sampling_distribution_matches_the_truncated_softmax(settings):
   # is 0.015. Tokens outside the truncation are never drawn.
   assert 0.5 * np.abs(empirical - p).sum() < 0.015
   assert np.all(empirical[p == 0] == 0)
+  # The returned behaviour log-prob of every draw is that of the distribution it was drawn from.
+  np.testing.assert_allclose(behaviour, np.log(p[tokens]), atol=1e-5)
 
 
 def test_group_samples_share_one_prefill_and_equal_repeated_prompts(setup):

@@ -20,8 +20,12 @@ from safework.rl.batch import SequenceBatch
 
 
 def chunked_token_logprobs(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,
-                           chunk: int) -> tuple[jax.Array, jax.Array]:
-  """log p(targets) and the entropy of each position's distribution, from hidden [B, T, D] -> ([B, T], [B, T])."""
+                           chunk: int, vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """log p(targets) and the entropy of each position's distribution, from hidden [B, T, D] -> ([B, T], [B, T]).
+
+  With `vocab_limit`, ids from it on (embedding rows beyond the tokenizer, which the sampler never draws) are
+  outside the distribution, as in the sampler.
+  """
   b, t, d = hidden.shape
   chunk = min(chunk, t)
   pad = -t % chunk
@@ -35,10 +39,12 @@ def chunked_token_logprobs(hidden: jax.Array, output_embedding: jax.Array, targe
   @jax.checkpoint
   def one_chunk(h, y):
     logits = jnp.einsum("bcd,vd->bcv", h, weights).astype(jnp.float32)
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+      logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
     normalizer = jax.nn.logsumexp(logits, axis=-1)
     logp = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - normalizer
     probs = jax.lax.stop_gradient(jnp.exp(logits - normalizer[..., None]))
-    entropy = normalizer - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
+    entropy = normalizer - jnp.sum(jnp.where(probs > 0, probs * jax.lax.stop_gradient(logits), 0.0), axis=-1)
     return logp, jax.lax.stop_gradient(entropy)
 
   _, (logp, entropy) = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (hidden_chunks, target_chunks))
@@ -47,8 +53,9 @@ def chunked_token_logprobs(hidden: jax.Array, output_embedding: jax.Array, targe
 
 
 def response_logprobs(model: Qwen25VL, params, batch: SequenceBatch, features: jax.Array | None,
-                      chunk: int) -> tuple[jax.Array, jax.Array]:
-  """Log-probs and entropies [B, N] of each row's response tokens under `params`."""
+                      chunk: int, vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Log-probs and entropies [B, N] of each row's response tokens under `params` (over the first `vocab_limit`
+  ids when given: the tokenizer's vocabulary, as the sampler draws)."""
   apply = functools.partial(model.apply, {"params": params})
   embeds = apply(batch.input_ids, method=Qwen25VL.embed)
   if features is not None:
@@ -61,4 +68,4 @@ def response_logprobs(model: Qwen25VL, params, batch: SequenceBatch, features: j
   n = batch.response_length
   # Position P - 1 + j predicts response token j.
   return chunked_token_logprobs(hidden[:, length - n - 1:length - 1], apply(method=Qwen25VL.output_embedding),
-                                batch.input_ids[:, length - n:], chunk)
+                                batch.input_ids[:, length - n:], chunk, vocab_limit)

@@ -52,11 +52,24 @@ class Prefix:
 
 @flax.struct.dataclass
 class SampleOutput:
-  tokens: jax.Array     # [B, N] int32, pad after a row is done
-  logprobs: jax.Array   # [B, N] fp32, policy log-probs of the tokens (0 after done)
-  lengths: jax.Array    # [B] int32, tokens generated per row (stop token included)
-  done: jax.Array       # [B] bool, the row hit an EOS id or a stop sequence
-  prefix: Prefix        # the state after the last token, to continue from
+  tokens: jax.Array               # [B, N] int32, pad after a row is done
+  logprobs: jax.Array             # [B, N] fp32, policy log-probs of the tokens (temperature 1, full vocabulary)
+  behaviour_logprobs: jax.Array   # [B, N] fp32, log-probs under the distribution drawn from (0 when greedy)
+  lengths: jax.Array              # [B] int32, tokens generated per row (stop token included)
+  done: jax.Array                 # [B] bool, the row hit an EOS id or a stop sequence
+  prefix: Prefix                  # the state after the last token, to continue from
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """The decode loop's carry. Entries after a row is done are pad / 0 and never change again."""
+  step: jax.Array                 # [] int32: tokens drawn so far (by every live row)
+  prefix: Prefix                  # the cache, up to the last drawn token
+  history: jax.Array              # [B, W - 1 + N] int32: W - 1 fillers (the stop window), then the drawn tokens
+  logprobs: jax.Array             # [B, N] fp32: policy log-probs of the drawn tokens
+  behaviour_logprobs: jax.Array   # [B, N] fp32: their log-probs under the distribution drawn from
+  done: jax.Array                 # [B] bool
+  rng: jax.Array
 
 
 def bucket_length(length: int, minimum: int = 16) -> int:
@@ -146,36 +159,39 @@ class Sampler:
     window = table.shape[1]
     eos = jnp.asarray(settings.eos_ids or (-2,), jnp.int32)
 
-    def body(state):
-      step, prefix, history, logprobs, done, rng = state
-      rng, key = jax.random.split(rng)
-      logits = prefix.last_logits
+    def body(state: DecodeState) -> DecodeState:
+      rng, key = jax.random.split(state.rng)
+      policy = state.prefix.last_logits
       if settings.vocab_limit is not None:
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < settings.vocab_limit, logits, -jnp.inf)
+        policy = jnp.where(jnp.arange(policy.shape[-1]) < settings.vocab_limit, policy, -jnp.inf)
+      logits = policy
       if settings.logits_processor is not None:
-        logits = settings.logits_processor(logits, history[:, window - 1:], step)
-      token = token_ops.sample_tokens(key, logits, settings)
-      logprob = token_ops.token_logprobs(prefix.last_logits, token)
+        logits = settings.logits_processor(logits, state.history[:, window - 1:], state.step)
+      token, behaviour = token_ops.sample_tokens(key, logits, settings)
+      logprob = token_ops.token_logprobs(policy, token)
+      done, step = state.done, state.step
       token = jnp.where(done, settings.pad_id, token)
-      history = history.at[:, window - 1 + step].set(jnp.where(done, token_ops.NO_TOKEN, token))
-      logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+      history = state.history.at[:, window - 1 + step].set(jnp.where(done, token_ops.NO_TOKEN, token))
       recent = jax.lax.dynamic_slice_in_dim(history, step, window, axis=1)
-      finished = done | jnp.isin(token, eos) | token_ops.ends_with_stop(recent, table)
-      prefix = self._extend_fn(params, prefix, token[:, None], ~done[:, None])
-      return step + 1, prefix, history, logprobs, finished, rng
+      return DecodeState(
+          step=step + 1, prefix=self._extend_fn(params, state.prefix, token[:, None], ~done[:, None]),
+          history=history, logprobs=state.logprobs.at[:, step].set(jnp.where(done, 0.0, logprob)),
+          behaviour_logprobs=state.behaviour_logprobs.at[:, step].set(jnp.where(done, 0.0, behaviour)),
+          done=done | jnp.isin(token, eos) | token_ops.ends_with_stop(recent, table), rng=rng)
 
-    def cond(state):
-      step, _, _, _, done, _ = state
-      return (step < steps) & ~jnp.all(done)
+    def cond(state: DecodeState) -> jax.Array:
+      return (state.step < steps) & ~jnp.all(state.done)
 
     history = jnp.full((batch, window - 1 + steps), token_ops.NO_TOKEN, jnp.int32)
-    state = (jnp.zeros((), jnp.int32), prefix, self._constrain(history, ("batch", None)),
-             jnp.zeros((batch, steps), jnp.float32), jnp.zeros(batch, bool), rng)
-    _, prefix, history, logprobs, done, _ = jax.lax.while_loop(cond, body, state)
-    generated = history[:, window - 1:]
+    zeros = jnp.zeros((batch, steps), jnp.float32)
+    state = jax.lax.while_loop(cond, body, DecodeState(
+        step=jnp.zeros((), jnp.int32), prefix=prefix, history=self._constrain(history, ("batch", None)),
+        logprobs=zeros, behaviour_logprobs=zeros, done=jnp.zeros(batch, bool), rng=rng))
+    generated = state.history[:, window - 1:]
     lengths = jnp.sum(generated != token_ops.NO_TOKEN, axis=1).astype(jnp.int32)
     tokens = jnp.where(generated == token_ops.NO_TOKEN, settings.pad_id, generated)
-    return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, prefix=prefix)
+    return SampleOutput(tokens=tokens, logprobs=state.logprobs, behaviour_logprobs=state.behaviour_logprobs,
+                        lengths=lengths, done=state.done, prefix=state.prefix)
 
   # -- public API ----------------------------------------------------------------------------------------------
 

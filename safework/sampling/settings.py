@@ -19,8 +19,9 @@ class SamplingSettings:
   sorts the whole vocabulary; with `top_p < 1` and no `top_k`, the nucleus is searched among the
   `nucleus_candidates` most likely tokens. `vocab_limit` masks the padding rows of the vocabulary (a checkpoint's
 embedding has more rows than its tokenizer has tokens). `stop_sequences` are token-id sequences that end a row (step
-  delimiters, tool calls); `eos_ids` end a row on one token. Returned log-probs are always those of the policy
-  itself (temperature 1, no truncation), which is what an RL trainer needs.
+  delimiters, tool calls); `eos_ids` end a row on one token. Two log-probs are returned per token: the policy's
+  (temperature 1, no truncation, over the first `vocab_limit` ids) and the behaviour's (the distribution the
+  token was really drawn from), whose ratio an RL trainer corrects for.
   """
   max_new_tokens: int = 64
   temperature: float = 1.0

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from safework.sampling.sampler import SampleOutput
+from safework import distributed
 
 
 def stop_sequences(tokenizer, strings: Sequence[str]) -> tuple[tuple[int, ...], ...]:
@@ -32,10 +32,10 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
   return (text[:min(ends)], True) if ends else (text, False)
 
 
-def decode_rows(tokenizer, output: SampleOutput, stop_strings: Sequence[str] = (),
+def decode_rows(tokenizer, tokens, lengths, stop_strings: Sequence[str] = (),
                 skip_special_tokens: bool = True) -> list[str]:
-  """The generated text of each row, cut at stop strings."""
-  tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
+  """The generated text of each row (tokens [B, N], lengths [B], e.g. a `SampleOutput`'s), cut at stop strings."""
+  tokens, lengths = distributed.host_array(tokens), distributed.host_array(lengths)
   texts = []
   for row, n in zip(tokens, lengths):
     text = tokenizer.decode(row[:n].tolist(), skip_special_tokens=skip_special_tokens)

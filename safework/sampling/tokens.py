@@ -14,15 +14,20 @@ from safework.sampling.settings import SamplingSettings
 NO_TOKEN = -1   # wildcard in the stop table, and the filler before the first generated token
 
 
-def sample_tokens(rng: jax.Array, logits: jax.Array, settings: SamplingSettings) -> jax.Array:
-  """Draws one token per row from logits [B, V] (fp32): greedy, or temperature -> top-k -> top-p."""
+def sample_tokens(rng: jax.Array, logits: jax.Array, settings: SamplingSettings) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row from logits [B, V] (fp32): greedy, or temperature -> top-k -> top-p.
+
+  Returns the tokens [B] and their log-probs [B] under the distribution they were drawn from (after
+  temperature and truncation; 0 for greedy, a point mass): the behaviour policy an RL trainer corrects for.
+  """
   if settings.temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[0], jnp.float32)
   logits = logits / settings.temperature
   k = settings.top_k or (settings.nucleus_candidates if settings.top_p < 1 else None)
   if k is None or k >= logits.shape[-1]:
     if settings.top_p >= 1:
-      return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+      token = jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+      return token, token_logprobs(logits, token)
     k = logits.shape[-1]
   values, indices = jax.lax.top_k(logits, k)   # [B, C], sorted, most likely first
   if settings.top_p < 1:
@@ -30,7 +35,8 @@ def sample_tokens(rng: jax.Array, logits: jax.Array, settings: SamplingSettings)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     values = jnp.where(mass_before < settings.top_p, values, -jnp.inf)   # the first candidate always stays
   choice = jax.random.categorical(rng, values, axis=-1)
-  return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  token = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  return token, token_logprobs(values, choice)
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
