@@ -1,8 +1,12 @@
-"""Shared pieces of the SafeLadder experiment files: variants, meshes, the paper's hyperparameters."""
+"""Shared pieces of the SafeLadder experiment files: variants, meshes, where the paper's settings differ from
+the settings' own defaults (which are the paper's 7B scripts: `OptimSettings`, `RolloutSettings`, ...)."""
 
 import ml_collections
 
 from safework import sharding
+from safework.experiment import section
+from safework.policy import PolicySettings
+from safework.training import TrainSettings
 
 VARIANTS = ("tiny", "3b", "7b", "32b", "72b")
 
@@ -15,16 +19,8 @@ MESHES = {
     "72b": dict(data=-1, fsdp=64, tensor=4),
 }
 
-# safework_r1.md section 2: the 7B scripts' optimisation (the 72B run is not public; the same recipe).
-PAPER_OPTIM = dict(learning_rate=1e-6, warmup_fraction=0.03, final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
-                   weight_decay=0.01, grad_clip=1.0, freeze_prefixes=["visual"])
-PAPER_ROLLOUT = dict(prompts_per_rollout=128, samples_per_prompt=8, max_new_tokens=8192, temperature=1.0, top_p=1.0,
-                     top_k=None, max_prompt_length=8192, stop_strings=[], advantage="group_zscore",
-                     length_lambda=0.5, length_alpha=1.0, length_beta=0.0, length_scale=None, old_logprobs="sampler",
-                     minibatch_size=128,
-                     epochs=1, image_multiple=8)
-PAPER_TRAIN = dict(micro_batch_size=8, logprob_chunk=1024, nan_policy="skip", checkpoint_every=20, keep_checkpoints=3,
-                   async_checkpoints=True, progress_bar=True)
+# safework_r1.md section 2: prompts and responses up to 8192 tokens (RolloutSettings' defaults are shorter).
+PAPER_LENGTHS = dict(max_new_tokens=8192, max_prompt_length=8192)
 
 
 def validate_variant(variant: str) -> str:
@@ -33,20 +29,24 @@ def validate_variant(variant: str) -> str:
   return variant
 
 
-def base(variant: str, job: str, init: str | None) -> ml_collections.ConfigDict:
+def paper_train(**changes) -> ml_collections.ConfigDict:
+  """The loop settings of the paper-scale runs: micro-batches of 8, long log-prob chunks, a checkpoint every 20."""
+  return section(TrainSettings, **{"micro_batch_size": 8, "logprob_chunk": 1024, "checkpoint_every": 20, **changes})
+
+
+def base(variant: str, init: str | None) -> ml_collections.ConfigDict:
   """Job, seed, mesh, sharding rules and the starting policy (a checkpoint path, or the preset from scratch)."""
   config = ml_collections.ConfigDict()
-  config.job = job
+  config.job = "train"
   config.seed = 0
   config.mesh = dict(MESHES[validate_variant(variant)])
   config.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
-  dtype = "float32" if variant == "tiny" else "bfloat16"
-  config.model = dict(preset=variant, checkpoint=init, dtype=dtype, param_dtype="float32",
-                      remat="none" if variant == "tiny" else "full", min_pixels=56 * 56,
-                      max_pixels=28 * 28 * (64 if variant == "tiny" else 1280))
+  tiny = variant == "tiny"
+  config.model = section(PolicySettings, preset=variant, checkpoint=init, dtype="float32" if tiny else "bfloat16",
+                         remat="none" if tiny else "full", max_pixels=28 * 28 * (64 if tiny else 1280))
   return config
 
 
-def user_data(manual_dir: str | None, labels) -> dict:
+def user_data(manual_dir: str | None) -> dict:
   """Prompts from the user's files (train/validation/test .jsonl/.csv; see safework.data.user_builders)."""
-  return dict(manual_dir=manual_dir, split="train", labels=list(labels))
+  return dict(manual_dir=manual_dir, split="train")

@@ -21,23 +21,22 @@ TINY_RECIPES = {"general_rule": [["math_rule", 1.0]], "knowledge_rule": [["math_
 def stage(variant: str, runlocal: bool = False) -> ml_collections.ConfigDict:
   if variant == "tiny":
     s = m3rl_kg.tiny_rl(rollouts=10 if runlocal else 12, loss="cpgd")
-    s.labels = list(TINY_RECIPES)
-    s.reward = dict(format_weight=1.0, recipes=TINY_RECIPES, rules={})
+    s.reward = dict(format_weight=1.0, recipes=TINY_RECIPES)
     return s
   s = m3rl_kg.stage(variant)
-  s.labels = sorted(PAPER_RECIPES)
   s.loss.policy_loss = "cpgd"
   s.reward.recipes = {k: [list(c) for c in v] for k, v in PAPER_RECIPES.items()}
   return s
 
 
-def get_config(arg=None):
+def get_config(arg=None, stage_fn=stage):
+  """The config of this stage; efficient_rl.py reuses it with its own `stage_fn` (the same knobs)."""
   arg = parse_arg(arg, variant="tiny", runlocal=False, init="", data="", safety_verifier="", value_verifier="",
                   knowledge_verifier="")
-  config = common.base(arg.variant, "rl", arg.init or None)
-  config.update(stage(arg.variant, arg.runlocal))
+  config = common.base(arg.variant, arg.init or None)
+  config.update(stage_fn(arg.variant, arg.runlocal))
   config.task = "user"
-  config.data = common.user_data(arg.data or None, config.labels)
+  config.data = common.user_data(arg.data or None)
   if arg.variant != "tiny":
     judge = lambda path, name: dict(path=path or None, judge=name, head="verdict", batch_size=16)
     config.reward.verifiers = {

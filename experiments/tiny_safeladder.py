@@ -11,18 +11,20 @@ on the test split after each. Writes report.json, report.md and plots to the wor
 import ml_collections
 
 from experiments import common, efficient_rl, m3rl_kg, m3rl_svkg, sft
-from safework.experiment import parse_arg
+from safework.evaluation import EvalSettings
+from safework.experiment import parse_arg, section
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False)
-  config = common.base("tiny", "safeladder", None)
+  config = common.base("tiny", None)
+  config.job = "safeladder"
   config.data = dict(sft=2000, train=2000, validation=200, test=300)
   judge = dict(layers=2, steps=60 if arg.runlocal else 80, batch_size=16, learning_rate=3e-3, judgments=400)
   config.verifiers = dict(
       safety=dict(judge, judge="safety", instruction="Question: {question}\nResponse: {answer}\nSafety verdict:"),
       value=dict(judge, judge="value", instruction="Question: {question}\nResponse: {answer}\nValue verdict:"))
-  config.eval = dict(max_new_tokens=48, batch_size=40 if arg.runlocal else 50, max_prompt_length=80, image_multiple=8)
+  config.eval = section(EvalSettings, max_new_tokens=48, batch_size=40 if arg.runlocal else 50, max_prompt_length=80)
   config.stage_order = ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"]
   config.stages = ml_collections.ConfigDict()
   config.stages.sft = sft.stage("tiny", arg.runlocal)

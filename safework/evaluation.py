@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import tqdm
 
+from safework import distributed
 from safework.data.example import Example
 from safework.models.qwen2_5_vl import Qwen25VL
 from safework.processing import Processor
@@ -51,8 +52,8 @@ def generate_greedy(model: Qwen25VL, params, processor: Processor, examples: Seq
     batch = processor([processor.render(e.messages()) for e in rows], images=[im for e in rows for im in e.images],
                       max_length=settings.max_prompt_length, image_multiple=settings.image_multiple)
     out = sampler.generate(params, batch, jax.random.key(0), sampling)
-    texts += decode_rows(tokenizer, out)[:len(chunk)]
-    lengths += np.asarray(out.lengths)[:len(chunk)].tolist()
+    texts += decode_rows(tokenizer, out.tokens, out.lengths)[:len(chunk)]
+    lengths += distributed.host_array(out.lengths)[:len(chunk)].tolist()
   return texts, np.asarray(lengths)
 
 

@@ -1,17 +1,30 @@
-"""Helpers for experiment files and the entry point: typed `get_config(arg)` knobs, sections -> settings.
+"""Helpers for experiment files and the entry point: typed `get_config(arg)` knobs, sections <-> settings.
 
-Only experiment files and `safework.main` see a `ConfigDict`; library code takes the frozen dataclasses that
-`settings(...)` builds, which reject unknown keys with the list of known ones.
+Only experiment files and `safework.main` see a `ConfigDict`. Library code takes frozen dataclasses, whose
+defaults are the one home of every default: `section(cls, **changes)` gives an experiment file a section with
+every field (so any of them can be overridden from the command line), and `settings(cls, section)` turns it back
+into the dataclass, rejecting unknown keys with the close matches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import types
+import typing
 from typing import Any, TypeVar
 
 import ml_collections
+from ml_collections import config_dict
 
 T = TypeVar("T")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def close_matches(name: str, known) -> str:
+  """' (did you mean 'x'?)' for a misspelt name, else ''."""
+  matches = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+  return f" (did you mean {' or '.join(repr(m) for m in matches)}?)" if matches else ""
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -20,17 +33,49 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+      raise ValueError(f"unknown config argument {key!r}{close_matches(key, defaults)}; known: {sorted(defaults)}")
     default = defaults[key]
     if not value:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
       parsed[key] = True
     elif isinstance(default, bool):
-      parsed[key] = value.lower() in ("1", "true", "yes")
-    elif default is None:
+      if value.lower() not in _TRUE + _FALSE:
+        raise ValueError(f"config argument {key}={value!r} is not a boolean: write {key}=true or {key}=false")
+      parsed[key] = value.lower() in _TRUE
+    elif default is None or isinstance(default, str):
       parsed[key] = value
     else:
-      parsed[key] = type(default)(value)
+      try:
+        parsed[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"config argument {key}={value!r} is not a {type(default).__name__}") from None
   return ml_collections.ConfigDict(parsed)
+
+
+def _scalar_type(annotation) -> type | None:
+  """The type a None default stands for (int for `int | None`), to make a typed placeholder."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  return args[0] if len(args) == 1 and isinstance(args[0], type) else None
+
+
+def section(cls: type, **changes: Any) -> ml_collections.ConfigDict:
+  """Every field of the settings dataclass `cls` with its default, `changes` applied (unknown ones rejected)."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(changes) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown keys {unknown} for {cls.__name__}{close_matches(unknown[0], fields)}; "
+                     f"known keys: {sorted(fields)}")
+  hints = typing.get_type_hints(cls)
+  out = ml_collections.ConfigDict()
+  for name, field in fields.items():
+    value = changes.get(name, field.default if field.default is not dataclasses.MISSING else field.default_factory())
+    if isinstance(value, tuple):
+      value = [list(v) if isinstance(v, tuple) else v for v in value]
+    if value is None and _scalar_type(hints[name]) is not None:
+      value = config_dict.placeholder(_scalar_type(hints[name]))
+    out[name] = value
+  return out
 
 
 def settings(cls: type[T], section: Any, **extra: Any) -> T:
@@ -40,9 +85,18 @@ def settings(cls: type[T], section: Any, **extra: Any) -> T:
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - set(fields))
   if unknown:
-    raise ValueError(f"unknown keys {unknown} for {cls.__name__}; known keys: {sorted(fields)}")
+    raise ValueError(f"unknown keys {unknown} for {cls.__name__}{close_matches(unknown[0], fields)}; "
+                     f"known keys: {sorted(fields)}")
+  hints = typing.get_type_hints(cls)
   for name, value in values.items():   # ConfigDicts hold lists where the dataclasses want tuples
-    if isinstance(value, list):
+    if isinstance(value, list) and _wants_tuple(hints[name]):
       values[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
   out = cls(**values)
   return out.validate() if hasattr(out, "validate") else out
+
+
+def _wants_tuple(annotation) -> bool:
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    return any(_wants_tuple(a) for a in typing.get_args(annotation))
+  return origin is tuple or annotation is tuple

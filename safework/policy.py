@@ -1,8 +1,8 @@
 """The policy a run starts from: a Hugging Face checkpoint directory, or a preset initialised from scratch.
 
-Either way the parameters are born sharded on the mesh and come with the processor (tokenizer + image settings)
-that renders prompts for them. From scratch, the tokenizer is trained on the task's own corpus and saved in the
-work directory, so every process and every resumption uses the same one.
+The processor (tokenizer + image settings) comes first and cheaply, so that data can be checked against it before
+any weights are read; the parameters are then born sharded on the mesh. From scratch, the tokenizer is trained on
+the task's own corpus and saved in the work directory, so every process and every resumption uses the same one.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import transformers
 
-from safework import sharding
-from safework.models import Qwen25VL, from_pretrained, get_preset, init_params
-from safework.models.checkpoint import abstract_params
+from safework import distributed, sharding
+from safework.models import Qwen25VL, get_preset, init_params
+from safework.models.checkpoint import abstract_params, load_config, load_params
 from safework.processing import Processor, VisionSettings, train_tokenizer
 
 
@@ -28,38 +28,52 @@ class PolicySettings:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
-  seed: int = 0
   min_pixels: int = 56 * 56       # image budget of the processor for presets (checkpoints bring their own)
   max_pixels: int = 28 * 28 * 64
 
   def validate(self) -> "PolicySettings":
     if self.checkpoint is not None and not Path(self.checkpoint).is_dir():
       raise FileNotFoundError(f"policy checkpoint {self.checkpoint} is not a directory")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ValueError(f"{name}={getattr(self, name)!r} is not a dtype (float32, bfloat16, ...)") from None
+    if self.checkpoint is None:
+      get_preset(self.preset)
     return self
 
 
-def load_policy(settings: PolicySettings, mesh: jax.sharding.Mesh, rules: sharding.Rules, workdir: str | Path,
-                corpus: Sequence[str] = ()) -> tuple[Qwen25VL, dict, Processor]:
-  dtype, param_dtype = jnp.dtype(settings.dtype), jnp.dtype(settings.param_dtype)
+def load_processor(settings: PolicySettings, workdir: str | Path, corpus: Sequence[str] = ()) -> Processor:
+  """The policy's processor; for a preset from scratch, the tokenizer trained on `corpus` (once per workdir)."""
   if settings.checkpoint is not None:
-    model, params = from_pretrained(
-        settings.checkpoint, dtype=dtype, param_dtype=param_dtype, remat_policy=settings.remat,
-        shardings=lambda m: sharding.param_shardings(abstract_params(m), mesh, rules))
-    return model, params, Processor.from_pretrained(settings.checkpoint)
-  cfg = get_preset(settings.preset)
-  model = Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=settings.remat)
-  params = sharding.init_sharded(lambda r: init_params(model, r), jax.random.key(settings.seed), mesh, rules)
+    return Processor.from_pretrained(settings.checkpoint)
+  vocab_size = get_preset(settings.preset).text.vocab_size
   tokenizer_dir = Path(workdir) / "tokenizer"
   if (tokenizer_dir / "tokenizer.json").is_file():
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
   else:
     if not corpus:
-      raise ValueError(f"preset {settings.preset!r} from scratch needs a corpus to train its tokenizer on")
-    tokenizer = train_tokenizer(corpus, vocab_size=cfg.text.vocab_size)
-    if jax.process_index() == 0:
+      raise ValueError(f"preset {settings.preset!r} from scratch needs a corpus to train its tokenizer on; start "
+                       "from a checkpoint (init=...) to use its tokenizer")
+    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
+    if distributed.is_main():
       tokenizer.save_pretrained(tokenizer_dir)
-  if len(tokenizer) > cfg.text.vocab_size:
-    raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary "
-                     f"{cfg.text.vocab_size}")
-  image_settings = VisionSettings(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
-  return model, params, Processor(tokenizer, image_settings)
+  if len(tokenizer) > vocab_size:
+    raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {vocab_size}")
+  return Processor(tokenizer, VisionSettings(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels))
+
+
+def policy_model(settings: PolicySettings) -> Qwen25VL:
+  """The policy's model definition (from the checkpoint's config.json, or the preset); no weights are read."""
+  config = load_config(settings.checkpoint) if settings.checkpoint is not None else get_preset(settings.preset)
+  return Qwen25VL(config, dtype=jnp.dtype(settings.dtype), param_dtype=jnp.dtype(settings.param_dtype),
+                  remat_policy=settings.remat)
+
+
+def policy_params(settings: PolicySettings, model: Qwen25VL, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                  seed: int = 0) -> dict:
+  """The parameters, born sharded: read from the checkpoint, or initialised from `seed`."""
+  if settings.checkpoint is not None:
+    return load_params(settings.checkpoint, model, sharding.param_shardings(abstract_params(model), mesh, rules))
+  return sharding.init_sharded(lambda r: init_params(model, r), jax.random.key(seed), mesh, rules)

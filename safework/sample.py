@@ -18,6 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from safework.models import from_pretrained
+from safework.models.checkpoint import load_config
 from safework.processing import Processor, Video
 from safework.processing.image import load_image, to_rgb
 from safework.sampling import Sampler, SamplingSettings
@@ -49,15 +50,28 @@ def load_video(path: str, fps: float) -> Video:
   return Video(frames, fps)
 
 
+def check_lengths(prompt_tokens: int, max_new_tokens: int, positions: int) -> None:
+  """The prompt and the tokens to generate must fit the model's positions."""
+  if max_new_tokens < 1:
+    raise ValueError(f"--max_new_tokens={max_new_tokens}: generate at least one token")
+  if prompt_tokens + max_new_tokens > positions:
+    room = positions - prompt_tokens
+    fix = f"lower --max_new_tokens to at most {room}" if room > 0 else "shorten the prompt or use fewer/smaller images"
+    raise ValueError(f"the prompt has {prompt_tokens} tokens (images expanded) and --max_new_tokens={max_new_tokens}, "
+                     f"more than the model's {positions} positions: {fix}")
+
+
 def main(argv):
   del argv
-  logging.info("loading %s", _CHECKPOINT.value)
-  model, params = from_pretrained(_CHECKPOINT.value, dtype=jnp.dtype(_DTYPE.value))
-  processor = Processor.from_pretrained(_CHECKPOINT.value)
+  processor = Processor.from_pretrained(_CHECKPOINT.value)   # the cheap checks come before the weights
+  positions = load_config(_CHECKPOINT.value).text.max_position_embeddings
   content = ([{"type": "image"}] * len(_IMAGES.value) + [{"type": "video"}] * len(_VIDEOS.value) +
              [{"type": "text", "text": _PROMPT.value}])
   text = processor.render([{"role": "user", "content": content}])
   batch = processor([text], images=_IMAGES.value, videos=[load_video(v, _VIDEO_FPS.value) for v in _VIDEOS.value])
+  check_lengths(batch["input_ids"].shape[1], _MAX_NEW.value, positions)
+  logging.info("loading %s", _CHECKPOINT.value)
+  model, params = from_pretrained(_CHECKPOINT.value, dtype=jnp.dtype(_DTYPE.value))
   tokenizer = processor.tokenizer
   eos = model.config.eos_token_id
   eos_ids = tuple(eos) if isinstance(eos, tuple) else (eos,) if eos is not None else ()
@@ -68,9 +82,17 @@ def main(argv):
       vocab_limit=len(tokenizer)).validate()
   logging.info("prompt of %d tokens; generating up to %d", batch["input_ids"].shape[1], settings.max_new_tokens)
   output = Sampler(model).generate(params, batch, jax.random.key(_SEED.value), settings)
-  sys.stdout.write(decode_rows(tokenizer, output, _STOP.value)[0] + "\n")
+  sys.stdout.write(decode_rows(tokenizer, output.tokens, output.lengths, _STOP.value)[0] + "\n")
+
+
+def _main(argv):
+  try:
+    main(argv)
+  except (ValueError, OSError) as e:   # a bad prompt, length, image or checkpoint: one line with the fix
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
   logging.use_absl_handler()
-  app.run(main)
+  app.run(_main)

@@ -1,53 +1,44 @@
 """CoT-SFT: supervised fine-tuning on `<think> ... </think> answer` traces (SafeLadder stage 1).
 
-The same jitted update as RL (`make_train_step`) with a cross-entropy objective on the response tokens, the vision
-tower trainable. Batch k is a pure function of (seed, k), so a run resumes exactly from its latest checkpoint; on
-SIGTERM the step in flight finishes, a checkpoint is saved and `Preempted` is raised.
+The core loop (`safework.training.Trainer`) with a cross-entropy objective on the response tokens. Batch k is a
+pure function of (seed, k), so a run resumes exactly from its latest checkpoint with no position to store.
+Every row has the same shape (prompt left-padded to `prompt_length`, trace cut or padded to `response_length`):
+one compile.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import tqdm
 
-from safework import sharding
-from safework.checkpointing import Checkpointer, abstract_like
-from safework.data.example import Example
-from safework.metrics_writer import MetricsWriter, truncate_metrics
+from safework import distributed, sharding
+from safework.data.example import Example, from_wire, to_wire
 from safework.models.inputs import prepare_inputs
 from safework.models.qwen2_5_vl import Qwen25VL
-from safework.preemption import Preempted, SigtermFlag
 from safework.processing import Processor
-from safework.rl.batch import SequenceBatch, VisionInputs, build_sequences, prompt_feature_index
+from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, build_sequences, prompt_feature_index
+from safework.rl.objectives import CrossEntropyObjective
 from safework.rl.optim import OptimSettings, make_optimizer
-from safework.rl.train_step import StepSettings, TrainState, cross_entropy_objective, make_train_step
+from safework.training import StepBatch, Trainer, TrainSettings, abstract_of, abstract_state, new_state
+
+Trace = tuple[Example, str]
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTSettings:
   steps: int = 1000
   batch_size: int = 32
-  micro_batch_size: int | None = None
   prompt_length: int = 2048       # every prompt is left-padded to exactly this (fixed shapes: one compile)
   response_length: int = 2048     # every trace is cut or right-padded to exactly this
-  logprob_chunk: int = 256
   image_multiple: int = 8
-  checkpoint_every: int = 200
-  keep_checkpoints: int = 2
-  seed: int = 0
-  progress_bar: bool = True
 
   def validate(self) -> "SFTSettings":
-    micro = self.micro_batch_size or self.batch_size
-    if self.batch_size % micro:
-      raise ValueError(f"micro_batch_size {micro} does not divide batch_size {self.batch_size}")
+    if min(self.steps, self.batch_size, self.prompt_length, self.response_length) < 1:
+      raise ValueError(f"SFT steps, batch_size, prompt_length and response_length must be positive: {self}")
     return self
 
 
@@ -56,7 +47,8 @@ def sft_rows(examples: Sequence[Example], traces: Sequence[str], processor: Proc
   """Training rows (prompt + trace + end-of-turn) for a batch of traces."""
   texts = [processor.render(e.messages()) for e in examples]
   images = [im for e in examples for im in e.images]
-  prompts = processor(texts, images=images, max_length=settings.prompt_length,
+  videos = [v for e in examples for v in e.videos]
+  prompts = processor(texts, images=images, videos=videos, max_length=settings.prompt_length,
                       image_multiple=settings.image_multiple)
   pad = settings.prompt_length - prompts["input_ids"].shape[1]
   tokenizer = processor.tokenizer
@@ -68,76 +60,70 @@ def sft_rows(examples: Sequence[Example], traces: Sequence[str], processor: Proc
   for i, r in enumerate(responses):
     tokens[i, :len(r)] = r
   lengths = np.array([len(r) for r in responses], np.int32)
-  prepared = prepare_inputs(model_config, ids, mask, prompts.get("image_grid_thw"),
-                            pixel_values=prompts.get("pixel_values"),
-                            padding_images=int(prompts.get("padding_images", 0)))
+  prepared = prepare_inputs(model_config, ids, mask, prompts.get("image_grid_thw"), prompts.get("video_grid_thw"),
+                            prompts.get("second_per_grid_ts"), prompts.get("pixel_values"),
+                            prompts.get("pixel_values_videos"), int(prompts.get("padding_images", 0)))
   index = prompt_feature_index(ids, model_config.image_token_id, model_config.video_token_id)
   zeros = np.zeros(tokens.shape, np.float32)
   batch = build_sequences(ids, mask, prepared, index, tokens, lengths, zeros, np.zeros(len(tokens), np.float32))
-  return batch, VisionInputs(pixel_values=prompts.get("pixel_values"), image_layout=prepared.image_layout)
+  return batch, VisionInputs(pixel_values=prompts.get("pixel_values"), image_layout=prepared.image_layout,
+                             pixel_values_videos=prompts.get("pixel_values_videos"),
+                             video_layout=prepared.video_layout)
+
+
+class TraceSource:
+  """SFT batches: `batch_size` traces drawn (seeded by step) from random-access `traces`; each host reads its
+  share of a batch."""
+
+  def __init__(self, traces: Sequence[Trace], processor: Processor, model_config, settings: SFTSettings, seed: int,
+               mesh: jax.sharding.Mesh, rules: sharding.Rules):
+    if not len(traces):
+      raise ValueError("SFT needs at least one trace")
+    self.traces, self.processor, self.model_config = traces, processor, model_config
+    self.settings, self.seed, self.mesh, self.rules = settings, seed, mesh, rules
+    self.total_steps, self.batch_size = settings.steps, settings.batch_size
+
+  def examples(self, step: int) -> list[Trace]:
+    picked = np.random.default_rng([self.seed, step]).choice(len(self.traces), self.settings.batch_size)
+    encode = lambda pair: {**to_wire(pair[0]), "trace": pair[1]}
+    return distributed.read_shared(len(picked), lambda i: self.traces[int(picked[i])], encode,
+                                   lambda item: (from_wire(item), item["trace"]))
+
+  def batch(self, step: int, params) -> StepBatch:
+    pairs = self.examples(step)
+    rows, vision = sft_rows([e for e, _ in pairs], [t for _, t in pairs], self.processor, self.model_config,
+                            self.settings)
+    place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))
+    return StepBatch(rows=jax.tree.map(place, rows),
+                     context=VisionContext(vision=jax.device_put(vision, sharding.replicated(self.mesh))),
+                     tokens=int(rows.attention_mask.sum()))
+
+  def position(self) -> tuple[dict[str, Any], None]:
+    return {}, None
+
+  def restore(self, position: dict[str, Any], buffer) -> None:
+    pass
+
+  def reads_device(self, step: int) -> bool:
+    return False
 
 
 class SFTTrainer:
   """Trains `params` (whose buffers it takes over: the first step donates them) on (example, trace) pairs."""
 
-  def __init__(self, *, model: Qwen25VL, params, processor: Processor, traces: Sequence[tuple[Example, str]],
-               settings: SFTSettings, optim: OptimSettings, workdir: str | Path, mesh: jax.sharding.Mesh,
-               rules: sharding.Rules = sharding.DEFAULT_RULES):
-    if not traces:
-      raise ValueError("SFT needs at least one trace")
-    self.model, self.processor, self.traces = model, processor, list(traces)
-    self.settings, self.workdir, self.mesh, self.rules = settings.validate(), Path(workdir), mesh, rules
+  def __init__(self, *, model: Qwen25VL, params, processor: Processor, traces: Sequence[Trace],
+               settings: SFTSettings, optim: OptimSettings, train: TrainSettings, seed: int, workdir: str | Path,
+               mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES):
+    settings = settings.validate()
+    self.params, self.mesh = params, mesh
     self.tx = make_optimizer(optim, settings.steps, params)
-    self.params = params
-    micro = settings.micro_batch_size or settings.batch_size
-    step_settings = StepSettings(micro_batches=settings.batch_size // micro, logprob_chunk=settings.logprob_chunk,
-                                 vision_trainable=optim.vision_trainable)
-    self._step_fn = make_train_step(model, self.tx, cross_entropy_objective, step_settings)
+    self.source = TraceSource(traces, processor, model.config, settings, seed, mesh, rules)
+    objective = CrossEntropyObjective(model=model, logprob_chunk=train.logprob_chunk,
+                                      vision_trainable=optim.vision_trainable, vocab_limit=len(processor.tokenizer))
+    self.trainer = Trainer(workdir=workdir, mesh=mesh, settings=train, objective=objective, tx=self.tx,
+                           source=self.source)
 
-  def batch(self, step: int) -> tuple[SequenceBatch, VisionInputs]:
-    rng = np.random.default_rng([self.settings.seed, step])
-    picked = [self.traces[i] for i in rng.choice(len(self.traces), self.settings.batch_size)]
-    return sft_rows([e for e, _ in picked], [t for _, t in picked], self.processor, self.model.config, self.settings)
-
-  def run(self) -> dict:
+  def run(self):
     """Trains `steps` steps (resuming from the latest checkpoint) and returns the parameters."""
-    settings = self.settings
-    with jax.set_mesh(self.mesh):
-      opt_state = jax.jit(self.tx.init)(self.params)
-      state = TrainState(step=jnp.zeros((), jnp.int32), params=self.params, opt_state=opt_state)
-      replicated = sharding.replicated(self.mesh)
-      state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else
-                           jax.device_put(x, replicated), state)
-      checkpointer = Checkpointer(self.workdir / "checkpoints", keep=settings.keep_checkpoints)
-      latest = checkpointer.latest_step()
-      if latest is not None:
-        state, _, _ = checkpointer.restore(latest, abstract_like(state))
-        truncate_metrics(self.workdir, latest)
-      shardings = jax.tree.map(lambda x: x.sharding, state)
-      step_fn = jax.jit(self._step_fn, donate_argnums=0, out_shardings=(shardings, None))
-      writer = MetricsWriter(self.workdir, is_writer=jax.process_index() == 0)
-      progress = tqdm.tqdm(total=settings.steps, initial=int(state.step), desc=self.workdir.name,
-                           dynamic_ncols=True, disable=not settings.progress_bar or jax.process_index() != 0)
-      place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))
-      try:
-        with SigtermFlag() as sigterm:
-          while int(state.step) < settings.steps:
-            start = time.perf_counter()
-            batch, vision = self.batch(int(state.step))
-            state, metrics = step_fn(state, jax.tree.map(place, batch), jax.device_put(vision, replicated), None)
-            metrics, step = jax.device_get(metrics), int(state.step)
-            if not metrics["finite"]:
-              raise FloatingPointError(f"SFT step {step}: non-finite loss or gradients; update dropped")
-            writer.write(step, {"sft_loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                                "step_s": time.perf_counter() - start})
-            progress.update(1)
-            progress.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-            if step % settings.checkpoint_every == 0 or step == settings.steps or sigterm.received:
-              checkpointer.save(step, state, {"step": step}, wait=sigterm.received)
-            if sigterm.received:
-              raise Preempted(f"SFT preempted at step {step}; the checkpoint in {checkpointer.directory} resumes it")
-      finally:
-        checkpointer.close()
-        writer.close()
-        progress.close()
-    return state.params
+    return self.trainer.run(lambda: new_state(self.tx, self.params, self.mesh),
+                            abstract_state(self.tx, abstract_of(self.params), self.mesh)).params

@@ -67,6 +67,11 @@ def make_mesh(axis_sizes: Mapping[str, int] | Sequence[tuple[str, int]], devices
   return Mesh(grid, tuple(names), axis_types=(AxisType.Auto,) * len(names))
 
 
+def rules_of(entries: Sequence[Sequence[Any]]) -> Rules:
+  """Rules from a config's list of [logical, mesh axis or list of axes or None] pairs."""
+  return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in entries)
+
+
 def _mesh_axes_for(rules: Rules) -> dict[str, tuple[str, ...]]:
   table = {}
   for logical, mesh_axes in rules:

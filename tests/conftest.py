@@ -52,3 +52,7 @@ def chat_checkpoint(hf_checkpoints, tiny_tokenizer, tmp_path_factory):
   hf.save_pretrained(path)
   tiny_tokenizer.save_pretrained(path)
   return path
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more (kept few and lean)")

@@ -10,7 +10,7 @@ import pytest
 from safework.data import tiny_suite
 from safework.data.jsonl import DataError
 from safework.data.tiny_builder import SuiteSource, TinySuiteConfig, build, example_of
-from safework.data.user_builders import PromptSourceView, UserPrompts, prepare, user_example
+from safework.data.user_builders import UserPrompts, UserRows, prepare, user_example
 
 SIZES = dict(sft=20, train=30, validation=5, test=10)
 
@@ -84,7 +84,7 @@ def test_user_prompts_round_trip_from_jsonl_and_csv(tmp_path):
   assert example.answer == "a cat" and example.label == "knowledge" and example.meta == {"category": "animals"}
   assert example.images[0].shape == (30, 40, 3) and trace == "<think>fur</think> a cat"
   assert train[0][0].images == () and train[0][1] == ""
-  test = PromptSourceView(sources["test"])
+  test = UserRows(sources["test"])
   assert test[0].meta == {"harmful": True} and test[0].label == "safety"
 
 

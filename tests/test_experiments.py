@@ -1,76 +1,89 @@
-"""Every experiment file, for every variant, builds a config whose sections make valid settings."""
+"""Every experiment file, for every variant, builds a config that parses into valid stages; knobs are strict."""
 
 import pytest
 
 from experiments import common, efficient_rl, m3rl_kg, m3rl_svkg, sft, tiny_safeladder, toy_rl
-from safework.evaluation import EvalSettings
-from safework.experiment import parse_arg, settings
+from safework.experiment import parse_arg, section, settings
+from safework.ladder import Ladder
 from safework.policy import PolicySettings
-from safework.rl.losses import LossSettings
 from safework.rl.optim import OptimSettings
 from safework.rl.rollout import RolloutSettings
-from safework.rl.trainer import TrainSettings
-from safework.sft import SFTSettings
+from safework.stages import RLStage, SFTStage, parse_stage
+from safework.training import TrainSettings
 
 STAGES = {"sft": sft, "m3rl_kg": m3rl_kg, "m3rl_svkg": m3rl_svkg, "efficient_rl": efficient_rl}
-
-
-def _validate_stage(stage):
-  if stage.kind == "sft":
-    settings(SFTSettings, stage.sft)
-  else:
-    rollout = settings(RolloutSettings, stage.rollout)
-    settings(LossSettings, stage.loss)
-    settings(TrainSettings, stage.train)
-    assert stage.labels and set(stage.reward.recipes) <= set(stage.labels) | {"jailbreak"}
-    assert rollout.rows % rollout.minibatch_size == 0
-  settings(OptimSettings, stage.optim)
+JUDGES = ("safety", "value")   # the tiny ladder's trained judges, scorers of its svkg stages
 
 
 @pytest.mark.parametrize("variant", common.VARIANTS)
 @pytest.mark.parametrize("name", sorted(STAGES))
 @pytest.mark.parametrize("runlocal", [False, True])
 def test_stage_files_build_valid_configs(name, variant, runlocal):
-  arg = f"variant={variant}" + (",runlocal" if runlocal else "") + ",init=/ckpt/previous,data=/data/rows"
+  arg = (f"variant={variant}" + (",runlocal" if runlocal else "") + ",init=/ckpt/previous,data=/data/rows" +
+         ("" if name == "sft" else ",knowledge_verifier=/k") +
+         (",safety_verifier=/s,value_verifier=/v" if name in ("m3rl_svkg", "efficient_rl") else ""))
   config = STAGES[name].get_config(arg)
-  assert config.job == STAGES[name].stage(variant).kind
+  assert config.job == "train" and config.kind == ("sft" if name == "sft" else "rl")
   assert config.model.checkpoint == "/ckpt/previous" and config.data.manual_dir == "/data/rows"
   settings(PolicySettings, {k: v for k, v in config.model.items() if k != "checkpoint"})
   assert set(config.mesh) == {"data", "fsdp", "tensor"}
-  _validate_stage(config)
+  stage = parse_stage(config, extra_scorers=JUDGES if variant == "tiny" else (), top_level=True)
+  assert isinstance(stage, SFTStage if name == "sft" else RLStage)
+  if isinstance(stage, RLStage):
+    assert stage.rollout.rows % stage.rollout.minibatch_size == 0 and stage.reward.labels
 
 
 @pytest.mark.parametrize("variant", ["7b", "72b"])
 def test_large_variants_carry_the_papers_hyperparameters(variant):
-  kg = m3rl_kg.get_config(f"variant={variant}")
-  svkg = m3rl_svkg.get_config(f"variant={variant},safety_verifier=/s,value_verifier=/v,knowledge_verifier=/k")
-  for config in (kg, svkg):
-    assert config.optim.learning_rate == 1e-6 and config.optim.b2 == 0.95 and config.optim.weight_decay == 0.01
-    assert (config.rollout.prompts_per_rollout, config.rollout.samples_per_prompt) == (128, 8)
-    assert config.rollout.minibatch_size == 128 and config.loss.kl_estimator == "k3" and config.loss.kl_beta == 0.001
-    assert config.model.dtype == "bfloat16" and config.model.remat == "full"
+  knobs = f"variant={variant},safety_verifier=/s,value_verifier=/v,knowledge_verifier=/k"
+  kg = parse_stage(m3rl_kg.get_config(f"variant={variant},knowledge_verifier=/k"), top_level=True)
+  svkg = parse_stage(m3rl_svkg.get_config(knobs), top_level=True)
+  efficient = parse_stage(efficient_rl.get_config(knobs), top_level=True)
+  for stage in (kg, svkg, efficient):
+    assert stage.optim.learning_rate == 1e-6 and stage.optim.b2 == 0.95 and stage.optim.weight_decay == 0.01
+    assert (stage.rollout.prompts_per_rollout, stage.rollout.samples_per_prompt) == (128, 8)
+    assert stage.rollout.max_new_tokens == 8192 and stage.rollout.minibatch_size == 128
+    assert stage.loss.kl_estimator == "k3" and stage.loss.kl_beta == 0.001
   assert kg.loss.policy_loss == "ppo" and svkg.loss.policy_loss == "cpgd"
-  assert svkg.reward.verifiers.safety.path == "/s" and svkg.reward.verifiers.value.judge == "value"
-  assert efficient_rl.get_config(f"variant={variant}").rollout.advantage == "length_conditional"
+  assert svkg.reward.verifiers["safety"].path == "/s" and svkg.reward.verifiers["value"].judge == "value"
+  assert efficient.reward.verifiers == svkg.reward.verifiers
+  assert efficient.rollout.advantage == "length_conditional"
+  # Advantages on the reward's scale: divided by 8192 they would vanish next to the KL term.
+  assert efficient.rollout.length_scale == 1.0 and efficient.rollout.length_alpha < 1
+  config = m3rl_svkg.get_config(knobs)
+  assert config.model.dtype == "bfloat16" and config.model.remat == "full"
 
 
 @pytest.mark.parametrize("runlocal", [False, True])
 def test_tiny_ladder_and_toy_configs(runlocal):
-  config = tiny_safeladder.get_config("runlocal" if runlocal else None)
-  assert config.stage_order == ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"]
-  for name in config.stage_order:
-    _validate_stage(config.stages[name])
-  settings(EvalSettings, config.eval)
-  settings(PolicySettings, config.model)
-  toy = toy_rl.get_config("runlocal" if runlocal else None)
-  settings(RolloutSettings, toy.rollout)
+  ladder = Ladder.from_config(tiny_safeladder.get_config("runlocal" if runlocal else None))
+  assert list(ladder.stages) == ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"]
+  toy = parse_stage(toy_rl.get_config("runlocal" if runlocal else None), top_level=True)
+  assert toy.reward is None and toy.rollout.num_rollouts == (6 if runlocal else 20)
 
 
-def test_unknown_arguments_and_keys_are_errors():
-  with pytest.raises(ValueError, match="unknown config argument 'varient'"):
+def test_sections_hold_every_setting_with_its_one_default():
+  rollout = section(RolloutSettings, max_new_tokens=64)
+  assert set(rollout) == set(RolloutSettings.__dataclass_fields__)
+  assert settings(RolloutSettings, rollout) == RolloutSettings(max_new_tokens=64)
+  rollout.top_k = 5   # a None default is a typed placeholder: it can be set, from the command line too
+  assert settings(RolloutSettings, rollout).top_k == 5
+  with pytest.raises(ValueError, match=r"unknown keys \['max_new_token'\] for RolloutSettings \(did you mean "
+                                       r"'max_new_tokens'\?\)"):
+    section(RolloutSettings, max_new_token=64)
+
+
+def test_unknown_arguments_bad_values_and_unknown_keys_are_errors():
+  with pytest.raises(ValueError, match=r"unknown config argument 'varient' \(did you mean 'variant'\?\)"):
     sft.get_config("varient=7b")
   with pytest.raises(ValueError, match="variant='13b'"):
     sft.get_config("variant=13b")
+  with pytest.raises(ValueError, match=r"runlocal='ture' is not a boolean: write runlocal=true"):
+    sft.get_config("runlocal=ture")
   with pytest.raises(ValueError, match=r"unknown keys \['lr'\] for OptimSettings; known keys"):
     settings(OptimSettings, {"lr": 1.0})
+  with pytest.raises(ValueError, match="on_bad_update='skp'"):
+    settings(TrainSettings, {"on_bad_update": "skp"})
   assert parse_arg("runlocal,steps=3", runlocal=False, steps=1).steps == 3
+  with pytest.raises(ValueError, match="steps='three' is not a int"):
+    parse_arg("steps=three", steps=1)

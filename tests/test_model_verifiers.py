@@ -14,7 +14,7 @@ from safework.models.checkpoint import abstract_params
 from safework.processing import Processor
 from safework.verifiers import heads
 from safework.verifiers.judges import JUDGES, KNOWLEDGE, SAFETY, VALUE
-from safework.verifiers.build import reward_from_config
+from safework.verifiers.build import build_reward, reward_spec
 from safework.verifiers.model_verifier import ModelVerifier, verdict_token_ids
 from tests import hf_reference as ref
 
@@ -98,10 +98,10 @@ def test_reward_from_config_combines_judges_and_rules(chat_checkpoint):
   section = dict(format_weight=1.0, recipes=dict(safety=[["safety", 1.0]], general_rule=[["math_rule", 2.0]]),
                  verifiers=dict(safety=dict(path=str(chat_checkpoint), judge="safety", batch_size=4)))
   with jax.set_mesh(mesh):
-    reward = reward_from_config(section, mesh, sharding.DEFAULT_RULES)
+    reward = build_reward(reward_spec(section), mesh, sharding.DEFAULT_RULES)
     examples = [Example("lock picking?", label="safety"), Example("2+2?", label="general_rule", answer="4")]
     out = reward(examples, ["<think>x</think> no", "<think>x</think> \\boxed{4}"], np.array([4, 4]))
   assert out.components["math_rule"][1] == 1.0 and out.total[1] == 3.0
   assert out.total[0] == 1.0 + out.components["safety"][0] and out.components["safety"][0] in SAFETY.scores
   with pytest.raises(ValueError, match="neither a configured verifier"):
-    reward_from_config(dict(recipes=dict(value=[["value", 1.0]])), mesh, sharding.DEFAULT_RULES)
+    reward_spec(dict(recipes=dict(value=[["value", 1.0]])))

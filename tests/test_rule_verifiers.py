@@ -39,6 +39,17 @@ def test_format(response, ok):
     ("<think>x</think> 4", "4", False),                                         # no boxed answer
     ("<think>x</think> \\boxed{\\pi}", "3.1416", True),
     ("<think>x</think> \\boxed{2\\frac{1}{2}}", "\\frac{5}{2}", True),          # mixed number
+    # Plain numbers must be equal: a gold answer with fewer decimals is no tolerance a policy can exploit.
+    ("<think>x</think> \\boxed{0.46}", "0.5", False),
+    ("<think>x</think> \\boxed{2.96}", "3.0", False),
+    ("<think>x</think> \\boxed{10001}", "10000", False),
+    ("<think>x</think> \\boxed{0.50}", "0.5", True),
+    ("<think>x</think> \\boxed{3}", "3.0", True),
+    ("<think>x</think> \\boxed{3}", "\\pi", False),                                  # no rounding to 0 places
+    ("<think>x</think> \\boxed{3.14}", "\\pi", True),
+    ("<think>x</think> \\boxed{1.41}", "\\sqrt{2}", True),
+    ("<think>x</think> \\boxed{1.42}", "\\sqrt{2}", False),
+    ("<think>x</think> \\boxed{\\frac{\\sqrt{8}}{2}}", "\\sqrt{2}", True),          # two inexact expressions
 ])
 def test_math_rule(response, gold, correct):
   assert rules.math_correct(response, gold) == float(correct)
@@ -87,15 +98,18 @@ def test_recipes_gate_components_by_label():
   reward = RecipeReward(scorers, PAPER_RECIPES)
   good = "<think>r</think> \\boxed{4}"
   examples = [Example("q", label="safety"), Example("q", label="knowledge_rule", answer="4"),
-              Example("q", label="knowledge", answer="4"), Example("q", label="unlabelled"),
+              Example("q", label="knowledge", answer="4"), Example("q", label="normal"),
               Example("q", label="muldimif", meta={"constraints": {"max_words": 1}})]
   out = reward(examples, [good, good, "no format", good, good], np.full(5, 10))
   # format + recipe: safety 1 + 0.5; knowledge_rule 1 + math 1 + helpfulness 0.5; knowledge 0 + 0.5 + 0.5;
-  # unknown label: format only; muldimif 1 + instruction 1 + helpfulness 0.5.
-  np.testing.assert_allclose(out.total, [1.5, 2.5, 1.0, 1.0, 2.5])
+  # normal 1 + helpfulness 0.5; muldimif 1 + instruction 1 + helpfulness 0.5.
+  np.testing.assert_allclose(out.total, [1.5, 2.5, 1.0, 1.5, 2.5])
   np.testing.assert_array_equal(out.applicable["safety"], [True, False, False, False, False])
-  np.testing.assert_array_equal(out.applicable["helpfulness"], [False, True, True, False, True])
+  np.testing.assert_array_equal(out.applicable["helpfulness"], [False, True, True, True, True])
   means = out.means()
   assert means["math_rule"] == 1.0 and means["safety"] == 0.5 and "value" not in means
+  # A label without a recipe (a misspelt one) would earn the format reward alone: it is an error.
+  with pytest.raises(ValueError, match=r"rows labelled \['saftey'\] have no reward recipe"):
+    reward([Example("q", label="saftey")], [good], np.full(1, 10))
   with pytest.raises(ValueError, match="no scorer"):
     RecipeReward({"safety": _const(1.0)}, PAPER_RECIPES)

@@ -11,32 +11,32 @@ import pytest
 from experiments import sft as sft_experiment
 from safework import sharding
 from safework.data import tiny_suite
-from safework.main import run_sft
-from safework.metrics_writer import read_metrics
-from safework.policy import PolicySettings, load_policy
-from safework.preemption import Preempted
+from safework.data.jsonl import DataError
+from safework.policy import PolicySettings, load_processor, policy_model, policy_params
 from safework.rl.optim import OptimSettings
-from safework.sft import SFTSettings, SFTTrainer, sft_rows
+from safework.sft import SFTSettings, SFTTrainer, TraceSource, sft_rows
+from safework.stages import from_config
+from safework.training import Preempted, TrainSettings, read_metrics
 
-SETTINGS = SFTSettings(steps=6, batch_size=8, micro_batch_size=4, prompt_length=80, response_length=40,
-                       logprob_chunk=32, checkpoint_every=100, progress_bar=False)
+SETTINGS = SFTSettings(steps=6, batch_size=8, prompt_length=80, response_length=40)
+TRAIN = TrainSettings(micro_batch_size=4, logprob_chunk=32, checkpoint_every=100, progress_bar=False)
 OPTIM = OptimSettings(learning_rate=3e-3, warmup_fraction=0.0, final_lr_fraction=1.0, freeze_prefixes=())
 
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  workdir = tmp_path_factory.mktemp("policy")
-  model, params, processor = load_policy(PolicySettings(preset="tiny"), mesh, sharding.DEFAULT_RULES, workdir,
-                                         corpus=tiny_suite.corpus(0))
-  return model, params, processor, mesh
+  settings = PolicySettings(preset="tiny")
+  processor = load_processor(settings, tmp_path_factory.mktemp("policy"), corpus=tiny_suite.corpus(0))
+  model = policy_model(settings)
+  return model, policy_params(settings, model, mesh, sharding.DEFAULT_RULES), processor, mesh
 
 
-def _trainer(policy, workdir, cls=SFTTrainer):
+def _trainer(policy, workdir):
   model, params, processor, mesh = policy
   params = jax.tree.map(jnp.copy, params)   # the trainer donates the buffers it is given
-  return cls(model=model, params=params, processor=processor, traces=tiny_suite.sft_traces(64, 0),
-             settings=SETTINGS, optim=OPTIM, workdir=workdir, mesh=mesh)
+  return SFTTrainer(model=model, params=params, processor=processor, traces=tiny_suite.sft_traces(64, 0),
+                    settings=SETTINGS, optim=OPTIM, train=TRAIN, seed=0, workdir=workdir, mesh=mesh)
 
 
 def test_rows_hold_the_left_padded_prompt_and_the_trace_with_its_end_of_turn(policy):
@@ -54,27 +54,33 @@ def test_rows_hold_the_left_padded_prompt_and_the_trace_with_its_end_of_turn(pol
 
 def test_sft_learns_and_a_sigterm_resume_equals_the_uninterrupted_run(policy, tmp_path):
   straight = jax.device_get(_trainer(policy, tmp_path / "straight").run())
-  losses = [r["sft_loss"] for r in read_metrics(tmp_path / "straight")]
+  losses = [r["loss"] for r in read_metrics(tmp_path / "straight")]
   assert losses[-1] < 0.8 * losses[0], losses   # measured: 6.28 -> 4.66 in six steps
 
-  class SigtermAtStep3(SFTTrainer):
-    def batch(self, step):
-      if step == 3:
-        os.kill(os.getpid(), signal.SIGTERM)   # arrives while step 3 is prepared: it still runs, then a save
-      return super().batch(step)
+  original = TraceSource.examples
+
+  def sigterm_at_step_3(self, step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)   # arrives while step 3 is prepared: it still runs, then a save
+    return original(self, step)
 
   interrupted = tmp_path / "interrupted"
-  with pytest.raises(Preempted, match="at step 4"):
-    _trainer(policy, interrupted, SigtermAtStep3).run()
+  TraceSource.examples = sigterm_at_step_3
+  try:
+    with pytest.raises(Preempted, match="at step 4"):
+      _trainer(policy, interrupted).run()
+  finally:
+    TraceSource.examples = original
   resumed = jax.device_get(_trainer(policy, interrupted).run())
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
   assert [r["step"] for r in read_metrics(interrupted)] == list(range(1, SETTINGS.steps + 1))
 
 
-def test_the_sft_job_rejects_rows_without_a_trace(tmp_path):
+def test_the_sft_job_rejects_rows_without_a_trace_before_loading_the_model(tmp_path, chat_checkpoint):
   data = tmp_path / "data"
   data.mkdir()
   (data / "train.jsonl").write_text('{"prompt": "hi", "response": "<think>x</think> y"}\n{"prompt": "no trace"}\n')
-  config = sft_experiment.get_config(f"variant=tiny,data={data}")
-  with pytest.raises(ValueError, match=r"rows \[1\] have none"):
-    run_sft(config, str(tmp_path / "work"))
+  config = sft_experiment.get_config(f"variant=tiny,data={data},init={chat_checkpoint}")
+  with pytest.raises(DataError, match=r"train.jsonl:2: SFT rows need a 'response'"):
+    from_config(config, tmp_path / "work")()
+  assert not (tmp_path / "work" / "checkpoints").exists()

@@ -11,12 +11,13 @@ from safework import sharding
 from safework.models import from_pretrained
 from safework.models.checkpoint import abstract_params
 from safework.rl import rollout as rollouts
-from safework.rl.batch import vision_features
+from safework.rl.batch import VisionContext, vision_features
 from safework.rl.logprobs import response_logprobs
 from safework.rl.losses import LossSettings
+from safework.rl.objectives import PolicyGradientObjective
 from safework.rl.optim import OptimSettings, make_optimizer
-from safework.rl.train_step import StepSettings, TrainState, make_train_step, policy_gradient_objective
 from safework.sampling import Sampler, SamplingSettings, bucket_length
+from safework.training import TrainState, make_train_step
 from tests import hf_reference as ref
 
 GROUP = 2
@@ -38,9 +39,12 @@ def rollout(hf_checkpoints):
                  image_grid_thw=np.array(grids))
   settings = SamplingSettings(max_new_tokens=6, temperature=1.0, eos_ids=(ref.IM_END,))
   out = Sampler(model).generate(params, prompts, jax.random.key(0), settings, num_samples=GROUP)
-  data = dict(prompts, responses=np.asarray(out.tokens), lengths=np.asarray(out.lengths),
-              sampler_logp=np.asarray(out.logprobs), advantages=np.array([1.0, -1.0, 0.5, -0.5], np.float32))
-  batch, vision = rollouts.training_rows(data, model.config)
+  rollout = rollouts.Rollout(
+      prompts=rollouts.PromptBatch(**prompts), responses=np.asarray(out.tokens), lengths=np.asarray(out.lengths),
+      done=np.asarray(out.done), policy_logp=np.asarray(out.logprobs),
+      behaviour_logp=np.asarray(out.behaviour_logprobs), rewards=np.zeros(4, np.float32), components={},
+      trained=np.ones(4, bool), advantages=np.array([1.0, -1.0, 0.5, -0.5], np.float32))
+  batch, vision = rollouts.training_rows(rollout, model.config, LossSettings())
   return model, params, batch, vision
 
 
@@ -61,14 +65,13 @@ def _step(model, params, batch, vision, micro_batches=1, loss=LossSettings(polic
   else:
     tx = make_optimizer(OptimSettings(learning_rate=1e-2, warmup_fraction=0.0, freeze_prefixes=freeze), 10, params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  step = make_train_step(model, tx, policy_gradient_objective(loss),
-                         StepSettings(micro_batches=micro_batches, logprob_chunk=4))
-  features = vision_features(model, params, vision)
+  step = make_train_step(PolicyGradientObjective(model=model, logprob_chunk=4, loss=loss), tx, micro_batches)
+  context = VisionContext(vision=vision, features=vision_features(model, params, vision))
   if mesh is None:
-    return jax.jit(step)(state, batch, vision, features)
+    return jax.jit(step)(state, batch, context)
   with jax.set_mesh(mesh):
     place = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES, x.ndim, x.shape[0]))
-    return jax.jit(step)(state, jax.tree.map(place, batch), vision, features)
+    return jax.jit(step)(state, jax.tree.map(place, batch), context)
 
 
 def test_sharded_update_equals_single_device(rollout, hf_checkpoints):
@@ -111,7 +114,7 @@ def test_non_finite_updates_are_dropped(rollout):
   model, params, batch, vision = rollout
   poisoned = batch.replace(advantages=np.where(np.arange(4) == 0, np.nan, batch.advantages).astype(np.float32))
   state, metrics = _step(model, params, poisoned, vision)
-  assert not metrics["finite"] and int(state.step) == 1
+  assert not metrics["accepted"] and int(state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, state.params, params)
 
 

@@ -68,7 +68,7 @@ def test_tiny_verifier_learns_from_a_tfds_dataset(tmp_path, tiny_judge, objectiv
   settings = VerifierTrainSettings(objective=objective, train_backbone=True, learning_rate=3e-3, steps=60,
                                    batch_size=16)
   before = evaluate(verifier, test_rows)
-  losses = VerifierTrainer(verifier, settings).train(train_rows)
+  losses = VerifierTrainer(verifier, settings, workdir=tmp_path / "training").train(train_rows)
   after = evaluate(verifier, test_rows)
   assert losses[-1] < losses[0]
   # Measured: chance level before (about 0.5), 1.0 held-out after 60 steps. Asserted: at least 0.9.
@@ -91,11 +91,11 @@ def test_judgments_builder_rejects_malformed_rows(tmp_path):
     prepare(Judgments, tmp_path / "data2", manual)
 
 
-def test_unknown_verdicts_and_untrainable_heads_are_errors(tiny_judge):
+def test_unknown_verdicts_and_untrainable_heads_are_errors(tiny_judge, tmp_path):
   model, params, processor = tiny_judge
   with pytest.raises(ValueError, match="train_backbone=True"):
-    VerifierTrainer(ModelVerifier(model, params, processor, VALUE), VerifierTrainSettings())
+    VerifierTrainer(ModelVerifier(model, params, processor, VALUE), VerifierTrainSettings(), workdir=tmp_path)
   trainer = VerifierTrainer(ModelVerifier(model, params, processor, VALUE, head="classifier"),
-                            VerifierTrainSettings(steps=1, batch_size=1))
+                            VerifierTrainSettings(steps=1, batch_size=1), workdir=tmp_path)
   with pytest.raises(ValueError, match="'meh' is not one of judge value's verdicts"):
     trainer.train([{"question": "q", "response": "r", "verdict": "meh"}])

@@ -18,11 +18,11 @@ from safework import sharding
 from safework.bench.roofline import Ceilings, best_time
 from safework.bench.sampler import decoder_param_count
 from safework.models import Qwen25VL, get_preset, init_params
-from safework.rl.batch import SequenceBatch, VisionInputs
-from safework.rl.losses import LossSettings
+from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs
+from safework.rl.objectives import PolicyGradientObjective
 from safework.rl.optim import OptimSettings, make_optimizer
-from safework.rl.train_step import StepSettings, TrainState, make_train_step, policy_gradient_objective
 from safework.sampling import Sampler, SamplingSettings
+from safework.training import make_train_step, new_state
 
 
 def synthetic_batch(vocab: int, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> SequenceBatch:
@@ -34,7 +34,8 @@ def synthetic_batch(vocab: int, batch: int, prompt_len: int, gen_len: int, seed:
       input_ids=rng.integers(10, vocab, (batch, length)).astype(np.int32),
       attention_mask=np.ones((batch, length), bool), positions=positions,
       feature_index=np.full((batch, length), -1, np.int32), loss_mask=np.ones((batch, gen_len), np.float32),
-      advantages=rng.normal(size=batch).astype(np.float32), old_logp=logp, ref_logp=logp, sampler_logp=logp)
+      advantages=rng.normal(size=batch).astype(np.float32), old_logp=logp, ref_logp=logp, sampler_logp=logp,
+      behaviour_weight=np.ones((batch, gen_len), np.float32))
 
 
 def run(preset: str, batch: int, prompt_len: int, gen_len: int, dtype: str, remat: str, micro_batch: int,
@@ -47,16 +48,15 @@ def run(preset: str, batch: int, prompt_len: int, gen_len: int, dtype: str, rema
   with jax.set_mesh(mesh):
     params = sharding.init_sharded(lambda r: init_params(model, r), jax.random.key(0), mesh, rules)
     tx = make_optimizer(OptimSettings(), 100, params)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params))
-    step_settings = StepSettings(micro_batches=batch // micro_batch, logprob_chunk=512)
-    step = jax.jit(make_train_step(model, tx, policy_gradient_objective(LossSettings()), step_settings),
-                   donate_argnums=0)
+    state = new_state(tx, params, mesh)
+    objective = PolicyGradientObjective(model=model, logprob_chunk=512)
+    step = jax.jit(make_train_step(objective, tx, batch // micro_batch), donate_argnums=0)
     data = jax.tree.map(lambda x: jax.device_put(x, sharding.batch_sharding(mesh, rules, x.ndim, x.shape[0])),
                         synthetic_batch(cfg.text.vocab_size, batch, prompt_len, gen_len))
     holder = {"state": state}
 
     def one_step():
-      holder["state"], metrics = step(holder["state"], data, VisionInputs(), None)
+      holder["state"], metrics = step(holder["state"], data, VisionContext(vision=VisionInputs()))
       return metrics["loss"]
 
     step_s = best_time(one_step, repeats=3)

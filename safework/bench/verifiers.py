@@ -19,7 +19,7 @@ from safework.bench.sampler import decoder_param_count
 from safework.models import Qwen25VL, get_preset, init_params
 from safework.models.inputs import prepare_inputs
 from safework.sampling import Sampler, SamplingSettings
-from safework.verifiers.model_verifier import ModelVerifier
+from safework.verifiers.model_verifier import JudgePixels, ModelVerifier
 
 
 def run(preset: str, batch: int, prompt_len: int, verdict_tokens: int, dtype: str, ceilings: Ceilings) -> dict:
@@ -33,7 +33,7 @@ def run(preset: str, batch: int, prompt_len: int, verdict_tokens: int, dtype: st
     ids = np.random.default_rng(0).integers(20, min(cfg.text.vocab_size, 150000), (batch, prompt_len)).astype(np.int32)
     mask = np.ones_like(ids)
     prepared = prepare_inputs(cfg, ids, mask)
-    head = jax.jit(lambda p, i, m, pr: ModelVerifier.logprobs_fn(model, "verdict", verdict_ids, p, None, i, m, None, pr))
+    head = jax.jit(lambda p, i, m, pr: ModelVerifier.logprobs_fn(model, "verdict", verdict_ids, p, None, i, m, JudgePixels(), pr))
     head_s = best_time(lambda: head(params, ids, mask, prepared), repeats=3)
     sampler = Sampler(model, mesh=mesh)
     settings = SamplingSettings(max_new_tokens=verdict_tokens, temperature=0.0)

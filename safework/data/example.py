@@ -7,6 +7,8 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
+from safework import distributed
+
 
 @dataclasses.dataclass(frozen=True)
 class Example:
@@ -28,6 +30,22 @@ class Example:
                [{"type": "text", "text": self.question}])
     system = [{"role": "system", "content": self.system}] if self.system else []
     return system + [{"role": "user", "content": content}]
+
+
+def to_wire(example: Example) -> dict[str, Any]:
+  """An example as JSON values and arrays (images read into RGB arrays), to send to another host."""
+  from safework.processing.image import load_image, to_rgb
+  return {"question": example.question, "label": example.label, "answer": example.answer, "system": example.system,
+          "meta": dict(example.meta), "images": [np.asarray(to_rgb(load_image(im))) for im in example.images],
+          "video_frames": [np.asarray(v.frames) for v in example.videos],
+          "video_fps": [float(v.fps) for v in example.videos]}
+
+
+def from_wire(item: dict[str, Any]) -> Example:
+  from safework.processing.video import Video
+  videos = tuple(Video(frames, fps) for frames, fps in zip(item.get("video_frames") or [], item["video_fps"]))
+  return Example(question=item["question"], images=tuple(item.get("images") or ()), videos=videos,
+                 label=item["label"], answer=item["answer"], system=item["system"], meta=item["meta"])
 
 
 class PromptSource(Protocol):
@@ -56,11 +74,12 @@ class ShuffledStream:
       self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.source))}
     return self._orders[epoch]
 
+  def index(self, position: int) -> int:
+    """The source index at a stream position."""
+    epoch, offset = divmod(position, len(self.source))
+    return int(self._order(epoch)[offset])
+
   def take(self, position: int, count: int) -> list[Example]:
-    n = len(self.source)
-    out = []
-    for i in range(position, position + count):
-      epoch, offset = divmod(i, n)
-      out.append(self.source[int(self._order(epoch)[offset])])
-    return out
+    """The examples at positions [position, position + count); with several hosts each reads its share."""
+    return distributed.read_shared(count, lambda i: self.source[self.index(position + i)], to_wire, from_wire)
 

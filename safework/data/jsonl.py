@@ -52,10 +52,21 @@ def _coerce(path: Path, line: int, row: Mapping[str, Any], schema: Mapping[str, 
 
 
 def read_rows(path: str | Path, schema: Mapping[str, type], required: Sequence[str]) -> Iterator[tuple[int, dict]]:
-  """(line number, row) of a .jsonl or .csv file, each row checked against `schema` (name -> str/list/dict)."""
+  """(line number, row) of a .jsonl or .csv file, each row checked against `schema` (name -> str/list/dict).
+
+  A file without any row is an error (an empty split would otherwise surface as a tfds assertion)."""
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path} does not exist")
+  empty = True
+  for line, row in _rows(path, schema, required):
+    empty = False
+    yield line, row
+  if empty:
+    raise DataError(f"{path} holds no rows; give it at least one, or remove the file")
+
+
+def _rows(path: Path, schema: Mapping[str, type], required: Sequence[str]) -> Iterator[tuple[int, dict]]:
   if path.suffix == ".csv":
     with path.open(newline="") as f:
       for line, row in enumerate(csv.DictReader(f), start=2):
@@ -79,3 +90,16 @@ def resolve_image(path: Path, line: int, base: Path, name: str) -> str:
   if not image.is_file():
     raise DataError(f"{path}:{line}: image {name!r} not found (relative paths start at {base})")
   return str(image)
+
+
+def image_size(path: Path, line: int, image: str, decode: bool = False) -> tuple[int, int]:
+  """(height, width) of an image file; `decode` reads all its pixels (a truncated file fails only then)."""
+  import PIL.Image
+  try:
+    with PIL.Image.open(image) as pil:
+      if decode:
+        pil.load()
+      return pil.height, pil.width
+  except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for unreadable, truncated or unknown files
+    raise DataError(f"{path}:{line}: image {image} cannot be read ({type(e).__name__}: {e}); replace or remove "
+                    "it") from None

@@ -6,9 +6,11 @@ seed: building it twice gives the same records.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from pathlib import Path
+from typing import Sequence
 
 import PIL.Image
 import tensorflow_datasets as tfds
@@ -65,18 +67,40 @@ def example_of(row: dict) -> tuple[Example, str]:
 
 
 class SuiteSource:
-  """A `PromptSource` over one split, optionally restricted to some labels (random access, no copy)."""
+  """Random access (no copy) to one split's examples (a `PromptSource`), or its (example, trace) pairs, optionally
+  restricted to some labels."""
 
-  def __init__(self, source, labels: tuple[str, ...] = ()):
-    self.source = source
+  def __init__(self, source, labels: Sequence[str] = (), traces: bool = False):
+    self.source, self.traces = source, traces
     self.index = list(range(len(source)))
     if labels:
       self.index = [i for i in self.index if decode(source[i])["label"] in labels]
       if not self.index:
-        raise ValueError(f"no rows with labels {labels}")
+        raise ValueError(f"no rows with labels {list(labels)}")
 
   def __len__(self) -> int:
     return len(self.index)
 
-  def __getitem__(self, i: int) -> Example:
-    return example_of(self.source[self.index[i]])[0]
+  def __getitem__(self, i: int):
+    pair = example_of(self.source[self.index[i]])
+    return pair if self.traces else pair[0]
+
+
+class SuiteData:
+  """The tiny suite as a stage's data (`safework.stages.StageData`)."""
+  reward = None
+
+  def __init__(self, sources: dict, seed: int):
+    self.sources, self.seed = sources, seed
+
+  def corpus(self) -> Sequence[str]:
+    return tiny_suite.corpus(self.seed)
+
+  def prompts(self, labels: Sequence[str], processor, max_length: int) -> SuiteSource:
+    from safework.stages import check_labels_present
+    counts = collections.Counter(decode(row)["label"] for row in self.sources["train"])
+    check_labels_present(labels, counts, "the tiny suite's train split")
+    return SuiteSource(self.sources["train"], labels)
+
+  def traces(self, processor, max_length: int) -> SuiteSource:
+    return SuiteSource(self.sources["sft"], traces=True)

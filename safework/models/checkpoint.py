@@ -68,6 +68,15 @@ def safetensors_files(path: str | Path) -> list[Path]:
   return files
 
 
+def _open_safetensors(file: Path):
+  """A safetensors file opened for reading; a truncated or damaged one is named in a `CheckpointError`."""
+  try:
+    return safe_open(file, framework="np")
+  except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header or size
+    raise CheckpointError(f"{file} cannot be read as safetensors ({e}); the file is truncated or damaged: copy it "
+                          "again from its source") from None
+
+
 def abstract_params(model: Qwen25VL) -> Any:
   """Shapes, dtypes and logical axes of the model's parameters, without allocating them."""
   return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
@@ -96,7 +105,7 @@ def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dic
   flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
   loaded, unexpected, mismatched = {}, [], {}
   for file in safetensors_files(path):
-    with safe_open(file, framework="np") as f:
+    with _open_safetensors(file) as f:
       for raw_key in f.keys():
         key = canonical_key(raw_key)
         if key not in by_key:

@@ -14,11 +14,12 @@ import numpy as np
 import transformers
 
 from safework.models.inputs import pad_images
-from safework.processing.image import ImageLike, VisionSettings, preprocess_image
+from safework.processing.image import ImageLike, VisionSettings, preprocess_image, smart_resize
 from safework.processing.tokenizer import CHAT_TEMPLATE
 from safework.processing.video import VIDEO_SETTINGS, Video, preprocess_video
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
 class PromptTooLongError(ValueError):
@@ -41,6 +42,9 @@ class Processor:
   def from_pretrained(cls, path: str | Path, **kwargs) -> "Processor":
     """Tokenizer and preprocessing settings from a local checkpoint directory (no remote code, no hub)."""
     path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+      raise FileNotFoundError(f"{path} has no tokenizer files (one of {list(TOKENIZER_FILES)}); copy them from the "
+                              "checkpoint it was trained from (save_pretrained(..., assets_from=...) does)")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     image_settings, video_settings = VisionSettings(), VIDEO_SETTINGS
     if (path / "preprocessor_config.json").is_file():
@@ -111,6 +115,15 @@ class Processor:
                                    "the limit")
     out["input_ids"], out["attention_mask"] = left_pad(rows, self.tokenizer.pad_token_id)
     return out
+
+  def count_tokens(self, text: str, image_sizes: Sequence[tuple[int, int]] = ()) -> int:
+    """Tokens of a rendered prompt whose image placeholders stand for images of these (height, width) sizes,
+    without reading any pixels (the check of a dataset's prompt lengths)."""
+    settings = self.image_settings
+    counts = [h * w // settings.factor**2 for h, w in
+              (smart_resize(h, w, settings.factor, settings.min_pixels, settings.max_pixels) for h, w in image_sizes)]
+    text = self._expand([text], IMAGE_TOKEN, counts, "image")[0]
+    return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -27,7 +27,10 @@ class SequenceBatch:
   """Prompt + response rows for the loss. Vision features are looked up by `feature_index` (-1: none).
 
   input_ids, attention_mask, feature_index: [B, L]; positions: [B, 3, L] (batch first, so every field splits
-  into micro-batches alike); loss_mask, old_logp, ref_logp, sampler_logp: [B, N] over the response part;
+  into micro-batches alike); over the response part [B, N]: loss_mask (tokens trained on), old_logp (the
+  policy that sampled, the ratio's denominator), ref_logp (the KL reference), sampler_logp (the sampler's own
+  log-probs of the policy, to measure sampler/trainer mismatch) and behaviour_weight (the truncated importance
+  weight pi_old / mu of the distribution mu the sampler really drew from: temperature, top-k, top-p);
   advantages: [B].
   """
   input_ids: jax.Array
@@ -39,6 +42,7 @@ class SequenceBatch:
   old_logp: jax.Array
   ref_logp: jax.Array
   sampler_logp: jax.Array
+  behaviour_weight: jax.Array
 
   @property
   def response_length(self) -> int:
@@ -46,6 +50,14 @@ class SequenceBatch:
 
   def rows(self, index: np.ndarray) -> "SequenceBatch":
     return jax.tree.map(lambda x: x[index], self)
+
+
+@flax.struct.dataclass
+class VisionContext:
+  """What every micro-batch of a step shares: the vision inputs, and their features when the tower is frozen
+  (computed once outside the gradient; None when the tower trains or there is no vision input)."""
+  vision: "VisionInputs"
+  features: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -104,4 +116,5 @@ def build_sequences(prompt_ids: np.ndarray, prompt_mask: np.ndarray, prepared: P
       positions=positions.astype(np.int32),
       feature_index=np.concatenate([repeat(feature_index), np.full(responses.shape, -1, np.int32)], axis=1),
       loss_mask=loss_mask.astype(np.float32), advantages=advantages.astype(np.float32),
-      old_logp=sampler_logp.astype(np.float32), ref_logp=zeros, sampler_logp=sampler_logp.astype(np.float32))
+      old_logp=sampler_logp.astype(np.float32), ref_logp=zeros, sampler_logp=sampler_logp.astype(np.float32),
+      behaviour_weight=np.ones(responses.shape, np.float32))

@@ -18,6 +18,7 @@ POLICY_LOSSES = ("ppo", "cpgd", "gspo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_PLACEMENTS = ("loss", "reward", "none")
+BEHAVIOUR_CORRECTIONS = ("tis", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +33,22 @@ class LossSettings:
   kl_beta: float = 0.001
   kl_in: str = "loss"            # "loss", "reward" (k1 penalty on the sequence reward) or "none"
   aggregation: str = "seq-mean-token-mean"
+  # The sampler draws from its processed distribution mu (temperature, top-k, top-p), not from pi_old: "tis"
+  # weights each token's policy-gradient term by the truncated importance ratio min(pi_old / mu, cap).
+  behaviour_correction: str = "tis"
+  behaviour_cap: float = 2.0
 
   def validate(self) -> "LossSettings":
     for value, allowed, name in ((self.policy_loss, POLICY_LOSSES, "policy_loss"),
                                  (self.kl_estimator, KL_ESTIMATORS, "kl_estimator"),
-                                 (self.kl_in, KL_PLACEMENTS, "kl_in"), (self.aggregation, AGGREGATIONS, "aggregation")):
+                                 (self.kl_in, KL_PLACEMENTS, "kl_in"), (self.aggregation, AGGREGATIONS, "aggregation"),
+                                 (self.behaviour_correction, BEHAVIOUR_CORRECTIONS, "behaviour_correction")):
       if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {allowed}")
     if not 0 < self.clip_eps < 1 or self.eps_low <= 0 or self.eps_high <= 0:
       raise ValueError("clip_eps must be in (0, 1) and eps_low / eps_high positive")
+    if self.behaviour_cap < 1:
+      raise ValueError(f"behaviour_cap must be at least 1, got {self.behaviour_cap}")
     return self
 
   @property
@@ -94,6 +102,17 @@ def gspo(logp, old, advantages, mask, eps_low: float, eps_high: float):
   return jnp.broadcast_to(loss[:, None], logp.shape), jnp.broadcast_to((clipped < unclipped)[:, None], logp.shape)
 
 
+def behaviour_weights(old, behaviour, settings: LossSettings):
+  """Per-token weights pi_old / mu of the sampled tokens, truncated at `behaviour_cap` (TIS); 1 when off.
+
+  `old` are the policy's log-probs (temperature 1, full vocabulary), `behaviour` those of the distribution the
+  sampler drew from, both [B, T].
+  """
+  if settings.behaviour_correction == "none":
+    return jnp.ones_like(old)
+  return jnp.minimum(jnp.exp(old - behaviour), settings.behaviour_cap)
+
+
 def kl_penalty(logp, ref, estimator: str):
   """Per-token estimate of KL(pi || ref) from samples of pi.
 
@@ -127,8 +146,12 @@ def aggregate(per_token, mask, mode: str, num_sequences, num_tokens, max_length:
 
 
 def policy_objective(settings: LossSettings, logp, old, ref, advantages, mask, num_sequences, num_tokens,
-                     max_length: int) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The loss to minimise and per-token metric sums (divide by the global token count to average)."""
+                     max_length: int, behaviour_weight=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The loss to minimise and per-token metric sums (divide by the global token count to average).
+
+  `behaviour_weight` [B, T] (from `behaviour_weights`) scales each token's policy-gradient term; the KL term is
+  not reweighted.
+  """
   mask = mask.astype(logp.dtype)
   if settings.policy_loss == "ppo":
     per_token, clipped = ppo_clip(logp, old, advantages, settings.eps_low, settings.eps_high)
@@ -138,6 +161,8 @@ def policy_objective(settings: LossSettings, logp, old, ref, advantages, mask, n
     per_token, clipped = gspo(logp, old, advantages, mask, settings.eps_low, settings.eps_high)
   if settings.drift_alpha:
     per_token = per_token + cpgd_drift(logp, old, settings.drift_alpha)
+  if behaviour_weight is not None:
+    per_token = per_token * jax.lax.stop_gradient(behaviour_weight)
   kl = kl_penalty(logp, ref, settings.kl_estimator) if ref is not None else jnp.zeros_like(logp)
   if settings.kl_in == "loss" and ref is not None:
     per_token = per_token + settings.kl_beta * kl

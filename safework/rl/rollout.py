@@ -1,34 +1,44 @@
-"""One rollout: prompts -> G samples each on device -> rewards -> advantages -> training rows.
+"""One rollout: prompts -> G samples each on device -> rewards -> (DAPO filters) -> advantages -> training rows.
 
-The result is a flat dict of host arrays (`Rollout`), which is also what a checkpoint stores when a run stops
-between the minibatches of a rollout, so resuming trains on exactly the same data.
+A rollout is sampled in rounds of `prompts_per_rollout` prompts. With `dynamic_sampling`, groups whose rewards
+are all equal (no preference, advantage 0: in safety data the all-refuse group is the common case) are dropped
+and further rounds refill the batch, up to `max_sampling_rounds`; whatever is still missing is filled with
+dropped groups in sampling order. Overlong responses (cut at `max_new_tokens`) can be masked out of the loss or
+penalised softly in the reward (DAPO), counted in tokens.
+
+The result is a typed `Rollout` of host arrays, which is also what a checkpoint stores when a run stops between
+the minibatches of a rollout (`to_buffer` / `from_buffer`), so resuming trains on exactly the same data.
+
+Axis legend: P prompts, G samples per prompt, B = P * G rows (prompt-major: row = p * G + g), Lp prompt bucket,
+N = max_new_tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from safework import distributed
 from safework.data.example import Example
 from safework.models.inputs import prepare_inputs
 from safework.processing import Processor
-from safework.rewards.base import RewardFunction
+from safework.rewards.base import RewardFunction, Rewards
 from safework.rl import advantages as adv
+from safework.rl import losses
 from safework.rl.batch import SequenceBatch, VisionInputs, build_sequences, prompt_feature_index
 from safework.sampling import Sampler, SamplingSettings, bucket_length
 from safework.sampling.text import decode_rows, stop_sequences
 
-Rollout = dict[str, np.ndarray]
+OVERLONG = ("none", "mask", "soft")
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSettings:
   """Defaults are the paper's: 128 prompts x 8 samples at temperature 1, 128 samples per optimizer step."""
+  num_rollouts: int = 10
   prompts_per_rollout: int = 128
   samples_per_prompt: int = 8
   max_new_tokens: int = 1024
@@ -38,14 +48,19 @@ class RolloutSettings:
   max_prompt_length: int = 2048
   stop_strings: tuple[str, ...] = ()
   advantage: str = "group_zscore"
-  length_lambda: float = 0.5     # length_conditional only
-  length_alpha: float = 1.0
+  length_lambda: float = 0.5     # length_conditional only (advantages.length_conditional)
+  length_alpha: float = 0.9
   length_beta: float = 0.0
-  length_scale: float | None = None   # the divisor L_max of the length-conditional advantage (None: max_new_tokens)
+  length_scale: float = 1.0
   old_logprobs: str = "sampler"  # "sampler": the sampler's own; "recompute": a forward pass before updating
   minibatch_size: int = 128
   epochs: int = 1
   image_multiple: int = 8        # blank images pad a rollout's image count to a multiple of this (fewer compiles)
+  dynamic_sampling: bool = False  # DAPO: replace groups with all-equal rewards by freshly sampled ones
+  max_sampling_rounds: int = 3
+  overlong: str = "none"         # responses cut at max_new_tokens: "none", "mask" (no loss) or "soft" (penalty)
+  overlong_buffer: int = 0       # soft: the penalty ramps from 0 to overlong_penalty over the last this many tokens
+  overlong_penalty: float = 1.0
 
   @property
   def rows(self) -> int:
@@ -56,15 +71,26 @@ class RolloutSettings:
     return self.epochs * self.rows // self.minibatch_size
 
   def validate(self) -> "RolloutSettings":
+    if self.num_rollouts < 1:
+      raise ValueError(f"num_rollouts must be at least 1, got {self.num_rollouts}")
     if self.rows % self.minibatch_size:
       raise ValueError(f"{self.prompts_per_rollout} prompts x {self.samples_per_prompt} samples = {self.rows} rows "
                        f"do not split into minibatches of {self.minibatch_size}")
-    if self.samples_per_prompt < 2 and self.advantage != "group_mean_centered":
+    if self.samples_per_prompt < 2:
       raise ValueError("group advantages need at least 2 samples per prompt")
+    if self.temperature <= 0:
+      raise ValueError(f"RL samples its rollouts: temperature must be positive, got {self.temperature}")
     if self.old_logprobs not in ("sampler", "recompute"):
       raise ValueError(f"old_logprobs={self.old_logprobs!r}: choose 'sampler' or 'recompute'")
     if self.advantage not in adv.ESTIMATORS:
       raise ValueError(f"unknown advantage estimator {self.advantage!r}; choose one of {adv.ESTIMATORS}")
+    if self.overlong not in OVERLONG:
+      raise ValueError(f"overlong={self.overlong!r}: choose one of {OVERLONG}")
+    if self.overlong == "soft" and not 0 < self.overlong_buffer < self.max_new_tokens:
+      raise ValueError(f"overlong='soft' needs 0 < overlong_buffer < max_new_tokens ({self.max_new_tokens}), "
+                       f"got {self.overlong_buffer}")
+    if self.max_sampling_rounds < 1 or self.length_scale <= 0:
+      raise ValueError("max_sampling_rounds must be at least 1 and length_scale positive")
     return self
 
   def sampling(self, tokenizer, eos_ids: Sequence[int]) -> SamplingSettings:
@@ -73,72 +99,210 @@ class RolloutSettings:
                             stop_sequences=stop_sequences(tokenizer, self.stop_strings),
                             pad_id=tokenizer.pad_token_id, vocab_limit=len(tokenizer)).validate()
 
-
-def advantages_of(settings: RolloutSettings, rewards: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-  shape = (settings.prompts_per_rollout, settings.samples_per_prompt)
-  kwargs = {}
-  if settings.advantage == "length_conditional":
-    kwargs = dict(lam=settings.length_lambda, alpha=settings.length_alpha, beta=settings.length_beta)
-  scale = settings.length_scale or settings.max_new_tokens
-  values = adv.compute_advantages(settings.advantage, jnp.asarray(rewards.reshape(shape)),
-                                  jnp.asarray(lengths.reshape(shape)), scale, **kwargs)
-  return np.asarray(values).reshape(-1)
+  def advantages(self, rewards: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    shape = (-1, self.samples_per_prompt)
+    kwargs = {}
+    if self.advantage == "length_conditional":
+      kwargs = dict(lam=self.length_lambda, alpha=self.length_alpha, beta=self.length_beta, scale=self.length_scale)
+    return adv.compute_advantages(self.advantage, rewards.reshape(shape), lengths.reshape(shape),
+                                  **kwargs).reshape(-1)
 
 
-def collect(examples: Sequence[Example], params, rng: jax.Array, *, sampler: Sampler, processor: Processor,
-            reward_fn: RewardFunction, settings: RolloutSettings, sampling: SamplingSettings
-            ) -> tuple[Rollout, list[str], dict[str, float]]:
-  """Samples, scores and lays out one rollout. Returns the host arrays, the response texts and metrics."""
-  texts = [processor.render(e.messages()) for e in examples]
-  images = [im for e in examples for im in e.images]
-  videos = [v for e in examples for v in e.videos]
-  prompts = processor(texts, images=images, videos=videos, max_length=settings.max_prompt_length,
-                      image_multiple=settings.image_multiple)
-  # Pad once to the sampler's bucket so training rows and sampling see the same prompt layout.
-  width = bucket_length(prompts["input_ids"].shape[1])
-  pad = width - prompts["input_ids"].shape[1]
-  prompts["input_ids"] = np.pad(prompts["input_ids"], ((0, 0), (pad, 0)), constant_values=processor.tokenizer.pad_token_id)
-  prompts["attention_mask"] = np.pad(prompts["attention_mask"], ((0, 0), (pad, 0)))
-
-  start = time.perf_counter()
-  out = sampler.generate(params, prompts, rng, sampling, num_samples=settings.samples_per_prompt)
-  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-  generation_s = time.perf_counter() - start
-  responses = decode_rows(processor.tokenizer, out, settings.stop_strings)
-  group = settings.samples_per_prompt
-  scored = reward_fn([e for e in examples for _ in range(group)], responses, lengths).check(len(responses))
-
-  rollout = {k: np.asarray(v) for k, v in prompts.items()}
-  rollout.update(responses=tokens, lengths=lengths, sampler_logp=np.asarray(out.logprobs),
-                 rewards=np.asarray(scored.total, np.float32), done=np.asarray(out.done),
-                 **{f"reward_{k}": np.asarray(v, np.float32) for k, v in scored.components.items()})
-  metrics = {**{f"reward/{k}": v for k, v in scored.means().items()}, "generation_s": generation_s,
-             "generated_tokens_per_s": float(lengths.sum()) / max(generation_s, 1e-9),
-             "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
-             "stopped_fraction": float(np.asarray(out.done).mean())}
-  return rollout, responses, metrics
+_PROMPT_FIELDS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
-def training_rows(rollout: Rollout, model_config) -> tuple[SequenceBatch, VisionInputs]:
-  """Host-side training rows and vision inputs of a rollout (advantages must be in it)."""
-  prepared = prepare_inputs(model_config, rollout["input_ids"], rollout["attention_mask"],
-                            rollout.get("image_grid_thw"), rollout.get("video_grid_thw"),
-                            rollout.get("second_per_grid_ts"), rollout.get("pixel_values"),
-                            rollout.get("pixel_values_videos"), int(rollout.get("padding_images", 0)))
-  index = prompt_feature_index(rollout["input_ids"], model_config.image_token_id, model_config.video_token_id)
-  batch = build_sequences(rollout["input_ids"], rollout["attention_mask"], prepared, index, rollout["responses"],
-                          rollout["lengths"], rollout["sampler_logp"], rollout["advantages"])
-  batch = batch.replace(old_logp=rollout.get("old_logp", batch.old_logp), ref_logp=rollout.get("ref_logp", batch.ref_logp))
-  vision = VisionInputs(pixel_values=rollout.get("pixel_values"), image_layout=prepared.image_layout,
-                        pixel_values_videos=rollout.get("pixel_values_videos"), video_layout=prepared.video_layout)
+@dataclasses.dataclass
+class PromptBatch:
+  """The processor's arrays of P prompts, left-padded to the sampler's bucket length."""
+  input_ids: np.ndarray                         # [P, Lp]
+  attention_mask: np.ndarray                    # [P, Lp]
+  pixel_values: np.ndarray | None = None        # [patches, C] of all images, prompt order
+  image_grid_thw: np.ndarray | None = None      # [images, 3]
+  pixel_values_videos: np.ndarray | None = None
+  video_grid_thw: np.ndarray | None = None
+  second_per_grid_ts: np.ndarray | None = None
+  padding_images: int = 0                       # blank images appended to fill `image_multiple`
+
+  @classmethod
+  def of(cls, examples: Sequence[Example], processor: Processor, max_length: int, image_multiple: int
+         ) -> "PromptBatch":
+    arrays = processor([processor.render(e.messages()) for e in examples], images=[i for e in examples for i in e.images],
+                       videos=[v for e in examples for v in e.videos], max_length=max_length,
+                       image_multiple=image_multiple)
+    pad = bucket_length(arrays["input_ids"].shape[1]) - arrays["input_ids"].shape[1]
+    return cls(input_ids=np.pad(arrays["input_ids"], ((0, 0), (pad, 0)),
+                                constant_values=processor.tokenizer.pad_token_id),
+               attention_mask=np.pad(arrays["attention_mask"], ((0, 0), (pad, 0))),
+               padding_images=int(arrays.get("padding_images", 0)),
+               **{k: arrays.get(k) for k in _PROMPT_FIELDS})
+
+  def arrays(self) -> dict[str, Any]:
+    """The processor's dict (what `Sampler.prefill` takes)."""
+    out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "padding_images": self.padding_images}
+    out.update({k: getattr(self, k) for k in _PROMPT_FIELDS if getattr(self, k) is not None})
+    return out
+
+
+@dataclasses.dataclass
+class Rollout:
+  """One rollout's host arrays, rows prompt-major (row = prompt * G + sample)."""
+  prompts: PromptBatch
+  responses: np.ndarray                # [B, N] int32 sampled tokens, pad after each row's end
+  lengths: np.ndarray                  # [B] int32 tokens per response (the stop token included)
+  done: np.ndarray                     # [B] bool: ended by EOS or a stop sequence (False: cut at max_new_tokens)
+  policy_logp: np.ndarray              # [B, N] the sampling policy's log-probs (temperature 1, full vocabulary)
+  behaviour_logp: np.ndarray           # [B, N] log-probs under the distribution really drawn from
+  rewards: np.ndarray                  # [B] the rewards the advantages come from (shaping and KL included)
+  components: dict[str, np.ndarray]    # [B] each reward component, as scored
+  trained: np.ndarray                  # [B] bool: rows in the loss (False: an overlong row under overlong='mask')
+  advantages: np.ndarray | None = None  # [B]
+  old_logp: np.ndarray | None = None   # [B, N] recomputed before the update (old_logprobs='recompute')
+  ref_logp: np.ndarray | None = None   # [B, N] under the reference policy (KL)
+
+  def to_buffer(self) -> dict[str, np.ndarray]:
+    """Flat host arrays for a checkpoint."""
+    out = {f"prompt/{k}": np.asarray(v) for k, v in dataclasses.asdict(self.prompts).items() if v is not None}
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name == "components":
+        out.update({f"component/{k}": v for k, v in value.items()})
+      elif field.name != "prompts" and value is not None:
+        out[field.name] = np.asarray(value)
+    return out
+
+  @classmethod
+  def from_buffer(cls, buffer: dict[str, np.ndarray]) -> "Rollout":
+    prompt = {k.split("/", 1)[1]: v for k, v in buffer.items() if k.startswith("prompt/")}
+    prompt["padding_images"] = int(prompt.get("padding_images", 0))
+    components = {k.split("/", 1)[1]: v for k, v in buffer.items() if k.startswith("component/")}
+    rest = {k: v for k, v in buffer.items() if "/" not in k}
+    return cls(prompts=PromptBatch(**prompt), components=components, **rest)
+
+
+@dataclasses.dataclass
+class _Round:
+  examples: list[Example]
+  prompts: PromptBatch
+  outputs: dict[str, np.ndarray]       # responses, lengths, done, policy_logp, behaviour_logp [P * G, ...]
+  scored: Rewards
+  shaped: np.ndarray                   # [P * G] rewards after overlong shaping
+  trained: np.ndarray                  # [P * G] bool
+
+  def component(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values, rows it applies to) of a reward component; zeros on no rows when this round lacks it."""
+    n = len(self.shaped)
+    if name not in self.scored.components:
+      return np.zeros(n, np.float32), np.zeros(n, bool)
+    values = np.asarray(self.scored.components[name], np.float32)
+    return values, np.asarray(self.scored.applicable.get(name, np.ones(n, bool)), bool)
+
+
+def overlong_shaping(lengths: np.ndarray, done: np.ndarray, settings: RolloutSettings
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """(reward change [B], trained [B]) for responses cut at max_new_tokens (DAPO), in tokens.
+
+  mask: rows that did not finish are left out of the loss. soft: a linear penalty from 0 at
+  max_new_tokens - overlong_buffer tokens to -overlong_penalty at max_new_tokens, and -overlong_penalty for a
+  row that did not finish.
+  """
+  change, trained = np.zeros(len(lengths), np.float32), np.ones(len(lengths), bool)
+  if settings.overlong == "mask":
+    trained = np.asarray(done, bool).copy()
+  elif settings.overlong == "soft":
+    start = settings.max_new_tokens - settings.overlong_buffer
+    ramp = np.clip((lengths - start) / settings.overlong_buffer, 0, 1)
+    change = -settings.overlong_penalty * np.where(done, ramp, 1.0).astype(np.float32)
+  return change, trained
+
+
+def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler: Sampler, processor: Processor,
+                 reward_fn: RewardFunction, settings: RolloutSettings, sampling: SamplingSettings) -> _Round:
+  """Samples G responses per prompt and scores them."""
+  prompts = PromptBatch.of(examples, processor, settings.max_prompt_length, settings.image_multiple)
+  out = sampler.generate(params, prompts.arrays(), rng, sampling, num_samples=settings.samples_per_prompt)
+  outputs = {"responses": distributed.host_array(out.tokens), "lengths": distributed.host_array(out.lengths),
+             "done": distributed.host_array(out.done), "policy_logp": distributed.host_array(out.logprobs),
+             "behaviour_logp": distributed.host_array(out.behaviour_logprobs)}
+  texts = decode_rows(processor.tokenizer, outputs["responses"], outputs["lengths"], settings.stop_strings)
+  rows = [e for e in examples for _ in range(settings.samples_per_prompt)]
+  scored = reward_fn(rows, texts, outputs["lengths"]).check(len(texts))
+  change, trained = overlong_shaping(outputs["lengths"], outputs["done"], settings)
+  return _Round(list(examples), prompts, outputs, scored, np.asarray(scored.total, np.float32) + change, trained)
+
+
+def equal_groups(rewards: np.ndarray, group: int) -> np.ndarray:
+  """[P] whether each group's rewards are all equal (no preference between its samples)."""
+  r = rewards.reshape(-1, group)
+  return r.max(axis=1) == r.min(axis=1)
+
+
+def assemble(rounds: Sequence[_Round], settings: RolloutSettings, processor: Processor) -> tuple[Rollout, dict]:
+  """The rollout's P groups: groups with a preference first, in sampling order, then equal ones if needed."""
+  g, p = settings.samples_per_prompt, settings.prompts_per_rollout
+  informative = [(r, i) for r, rnd in enumerate(rounds) for i in np.nonzero(~equal_groups(rnd.shaped, g))[0]]
+  equal = [(r, i) for r, rnd in enumerate(rounds) for i in np.nonzero(equal_groups(rnd.shaped, g))[0]]
+  chosen = (informative + equal)[:p] if settings.dynamic_sampling else [(0, i) for i in range(p)]
+  chosen.sort()
+  if len(rounds) == 1 and [i for _, i in chosen] == list(range(p)):
+    prompts = rounds[0].prompts
+  else:   # groups from several rounds: lay their prompts out afresh (same tokens, one bucket)
+    prompts = PromptBatch.of([rounds[r].examples[i] for r, i in chosen], processor, settings.max_prompt_length,
+                             settings.image_multiple)
+  offsets = np.cumsum([0] + [len(rnd.shaped) for rnd in rounds])   # first row of each round, rounds joined
+  rows = np.concatenate([offsets[r] + np.arange(i * g, (i + 1) * g) for r, i in chosen])
+  joined = lambda get: np.concatenate([np.asarray(get(rnd)) for rnd in rounds])[rows]
+  names = sorted({k for rnd in rounds for k in rnd.scored.components})
+  scored = Rewards(total=joined(lambda rnd: rnd.scored.total),
+                   components={k: joined(lambda rnd, k=k: rnd.component(k)[0]) for k in names},
+                   applicable={k: joined(lambda rnd, k=k: rnd.component(k)[1]) for k in names})
+  rollout = Rollout(prompts=prompts, **{k: joined(lambda rnd, k=k: rnd.outputs[k]) for k in rounds[0].outputs},
+                    rewards=joined(lambda rnd: rnd.shaped), trained=joined(lambda rnd: rnd.trained),
+                    components=scored.components)
+  metrics = {**{f"reward/{k}": v for k, v in scored.means().items()},
+             "groups/all_equal_fraction": float(equal_groups(rounds[0].shaped, g).mean()),
+             "groups/all_equal_in_batch": float(equal_groups(rollout.rewards, g).mean()),
+             "groups/sampling_rounds": float(len(rounds)), "overlong/untrained_fraction": float(1 - rollout.trained.mean()),
+             "response_length/mean": float(rollout.lengths.mean()), "response_length/max": float(rollout.lengths.max()),
+             "stopped_fraction": float(rollout.done.mean())}
+  if settings.overlong == "soft":
+    metrics["reward/overlong_penalty"] = float(np.mean(rollout.rewards - scored.total))
+  return rollout, metrics
+
+
+def training_rows(rollout: Rollout, model_config, loss: losses.LossSettings) -> tuple[SequenceBatch, VisionInputs]:
+  """Host-side training rows and vision inputs of a rollout (its advantages must be set)."""
+  p = rollout.prompts
+  prepared = prepare_inputs(model_config, p.input_ids, p.attention_mask, p.image_grid_thw, p.video_grid_thw,
+                            p.second_per_grid_ts, p.pixel_values, p.pixel_values_videos, p.padding_images)
+  index = prompt_feature_index(p.input_ids, model_config.image_token_id, model_config.video_token_id)
+  advantages = rollout.advantages if rollout.advantages is not None else np.zeros(len(rollout.lengths), np.float32)
+  batch = build_sequences(p.input_ids, p.attention_mask, prepared, index, rollout.responses, rollout.lengths,
+                          rollout.policy_logp, advantages,
+                          loss_mask=np.broadcast_to(rollout.trained[:, None], rollout.responses.shape))
+  old = rollout.old_logp if rollout.old_logp is not None else batch.old_logp
+  weight = np.asarray(losses.behaviour_weights(old, rollout.behaviour_logp, loss), np.float32)
+  batch = batch.replace(old_logp=old, behaviour_weight=weight,
+                        ref_logp=rollout.ref_logp if rollout.ref_logp is not None else batch.ref_logp)
+  vision = VisionInputs(pixel_values=p.pixel_values, image_layout=prepared.image_layout,
+                        pixel_values_videos=p.pixel_values_videos, video_layout=prepared.video_layout)
   return batch, vision
+
+
+def behaviour_ratio_stats(rollout: Rollout) -> dict[str, float]:
+  """The raw importance ratio pi_old / mu over the response tokens, before truncation."""
+  old = rollout.old_logp if rollout.old_logp is not None else rollout.policy_logp
+  valid = np.arange(rollout.responses.shape[1])[None] < rollout.lengths[:, None]
+  ratio = np.exp((old - rollout.behaviour_logp)[valid].astype(np.float64))
+  if not ratio.size:
+    return {}
+  return {"behaviour_ratio/min": float(ratio.min()), "behaviour_ratio/mean": float(ratio.mean()),
+          "behaviour_ratio/max": float(ratio.max())}
 
 
 def minibatch_order(seed: int, rollout_index: int, settings: RolloutSettings) -> list[np.ndarray]:
   """Row indices of each minibatch of a rollout, reshuffled every epoch (seeded, so resumption is exact)."""
   rng = np.random.default_rng([seed, rollout_index, 1])
-  orders = [rng.permutation(settings.rows) for _ in range(settings.epochs)]
-  flat = np.concatenate(orders)
+  flat = np.concatenate([rng.permutation(settings.rows) for _ in range(settings.epochs)])
   return [flat[i:i + settings.minibatch_size] for i in range(0, len(flat), settings.minibatch_size)]
 
 
@@ -146,4 +310,3 @@ def summarize_advantages(advantages: np.ndarray) -> dict[str, float]:
   return {"advantage/mean": float(advantages.mean()), "advantage/std": float(advantages.std()),
           "advantage/abs_mean": float(np.abs(advantages).mean()),
           "advantage/zero_fraction": float(np.mean(advantages == 0))}
-

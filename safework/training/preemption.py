@@ -1,7 +1,9 @@
-"""Preemption: SIGTERM (a TPU VM being reclaimed) becomes a flag the training loops poll between steps.
+"""Preemption: on SIGTERM (a TPU VM being reclaimed) every host saves at the same step and stops.
 
-A loop that sees the flag finishes the step in flight, saves a checkpoint and raises `Preempted`; re-running the
-same command resumes from that checkpoint.
+One process: SIGTERM sets a flag the loop polls between steps. Several processes: JAX's preemption notifier
+(installed by `jax.distributed.initialize`) catches SIGTERM on any host and the coordination service picks a
+step that all hosts reach (`reached_preemption_sync_point`); no device work is waited on to agree. Either way
+the loop finishes the step in flight, saves, and raises `Preempted`; re-running the same command resumes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import logging
 import signal
 import threading
 
+import jax
+
 log = logging.getLogger(__name__)
 
 
@@ -17,8 +21,8 @@ class Preempted(Exception):
   """Training stopped on SIGTERM after saving a checkpoint; the same command resumes it."""
 
 
-class SigtermFlag:
-  """While active, SIGTERM sets `received` instead of killing the process (signals reach the main thread only)."""
+class PreemptionWatch:
+  """`should_stop(step)` is polled once per optimizer step, with increasing steps, on every process."""
 
   def __init__(self):
     self.received = False
@@ -28,9 +32,9 @@ class SigtermFlag:
     log.warning("SIGTERM: finishing the current step, saving a checkpoint, then stopping")
     self.received = True
 
-  def __enter__(self) -> "SigtermFlag":
+  def __enter__(self) -> "PreemptionWatch":
     self.received = False
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -38,3 +42,9 @@ class SigtermFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.received
+    from jax.experimental import multihost_utils
+    return multihost_utils.reached_preemption_sync_point(step)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from safework import sharding
+from safework.distributed import host_array
 from safework.data.example import Example
 from safework.models.inputs import PreparedInputs, prepare_inputs
 from safework.models.qwen2_5_vl import Qwen25VL
@@ -38,10 +40,17 @@ def verdict_token_ids(tokenizer, verdicts: Sequence[str]) -> np.ndarray:
   return np.asarray(ids, np.int32)
 
 
-def hidden_at_last(model: Qwen25VL, params, input_ids, attention_mask, pixel_values, prepared) -> jax.Array:
+@flax.struct.dataclass
+class JudgePixels:
+  """The judge prompts' image and video patches (None where the batch has none)."""
+  images: jax.Array | None = None
+  videos: jax.Array | None = None
+
+
+def hidden_at_last(model: Qwen25VL, params, input_ids, attention_mask, pixels: JudgePixels, prepared) -> jax.Array:
   """Final hidden state at the last (verdict) position of left-padded prompts: [B, D]."""
-  hidden = model.apply({"params": params}, input_ids, attention_mask, pixel_values, prepared=prepared,
-                       return_hidden=True)
+  hidden = model.apply({"params": params}, input_ids, attention_mask, pixels.images,
+                       pixel_values_videos=pixels.videos, prepared=prepared, return_hidden=True)
   return hidden[:, -1]
 
 
@@ -65,28 +74,32 @@ class ModelVerifier:
     self._logprobs = jax.jit(functools.partial(self.logprobs_fn, model, head, self.verdict_ids))
 
   @staticmethod
-  def logprobs_fn(model, head, verdict_ids, params, head_params, input_ids, attention_mask, pixel_values, prepared):
+  def logprobs_fn(model, head, verdict_ids, params, head_params, input_ids, attention_mask, pixels: JudgePixels,
+                  prepared):
     """Verdict log-probs [B, K]: raw next-token log-probs (verdict head) or log-softmax over K (classifier)."""
-    hidden = hidden_at_last(model, params, input_ids, attention_mask, pixel_values, prepared)
+    hidden = hidden_at_last(model, params, input_ids, attention_mask, pixels, prepared)
     if head == "verdict":
       output = model.apply({"params": params}, method=Qwen25VL.output_embedding)
       return heads.verdict_logprobs(hidden, output, jnp.asarray(verdict_ids))
     return jax.nn.log_softmax(heads.classifier_logits(hidden, head_params), axis=-1)
 
-  def render(self, examples: Sequence[Example], responses: Sequence[str]) -> tuple[list[str], list]:
-    texts, images = [], []
+  def render(self, examples: Sequence[Example], responses: Sequence[str]) -> tuple[list[str], list, list]:
+    """The judge prompts (the question's images and videos, then the judge's text), and their images, videos."""
+    texts, images, videos = [], [], []
     for example, response in zip(examples, responses):
-      content = ([{"type": "image"}] * len(example.images) +
+      content = ([{"type": "image"}] * len(example.images) + [{"type": "video"}] * len(example.videos) +
                  [{"type": "text", "text": self.spec.prompt(example.question, final_answer(response), example.answer,
                                                              example.label)}])
       texts.append(self.processor.render([{"role": "user", "content": content}]))
       images.extend(example.images)
-    return texts, images
+      videos.extend(example.videos)
+    return texts, images, videos
 
   def batch_arrays(self, examples: Sequence[Example], responses: Sequence[str]) -> dict[str, np.ndarray]:
     """Processor arrays of the judge prompts, left-padded to a bucket length."""
-    texts, images = self.render(examples, responses)
-    arrays = self.processor(texts, images=images, max_length=self.max_length, image_multiple=self.image_multiple)
+    texts, images, videos = self.render(examples, responses)
+    arrays = self.processor(texts, images=images, videos=videos, max_length=self.max_length,
+                            image_multiple=self.image_multiple)
     pad = bucket_length(arrays["input_ids"].shape[1]) - arrays["input_ids"].shape[1]
     arrays["input_ids"] = np.pad(arrays["input_ids"], ((0, 0), (pad, 0)),
                                  constant_values=self.processor.tokenizer.pad_token_id)
@@ -95,8 +108,13 @@ class ModelVerifier:
 
   def prepare(self, arrays: dict[str, np.ndarray]) -> PreparedInputs:
     return prepare_inputs(self.model.config, arrays["input_ids"], arrays["attention_mask"],
-                          arrays.get("image_grid_thw"), pixel_values=arrays.get("pixel_values"),
-                          padding_images=int(arrays.get("padding_images", 0)))
+                          arrays.get("image_grid_thw"), arrays.get("video_grid_thw"), arrays.get("second_per_grid_ts"),
+                          arrays.get("pixel_values"), arrays.get("pixel_values_videos"),
+                          int(arrays.get("padding_images", 0)))
+
+  @staticmethod
+  def pixels(arrays: dict[str, np.ndarray]) -> JudgePixels:
+    return JudgePixels(arrays.get("pixel_values"), arrays.get("pixel_values_videos"))
 
   def _run(self, params, head_params, arrays: dict[str, np.ndarray]) -> jax.Array:
     prepared = self.prepare(arrays)
@@ -104,7 +122,7 @@ class ModelVerifier:
     if self.mesh is not None:
       place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))
       ids, mask = place(ids), place(mask)
-    return self._logprobs(params, head_params, ids, mask, arrays.get("pixel_values"), prepared)
+    return self._logprobs(params, head_params, ids, mask, self.pixels(arrays), prepared)
 
   def verdict_logprobs(self, examples: Sequence[Example], responses: Sequence[str]) -> np.ndarray:
     """[n, K] verdict log-probs, computed in chunks of `batch_size` rows (the last padded with repeats)."""
@@ -113,7 +131,7 @@ class ModelVerifier:
       chunk = list(range(start, min(start + self.batch_size, len(examples))))
       padded = chunk + [chunk[0]] * (self.batch_size - len(chunk))
       arrays = self.batch_arrays([examples[i] for i in padded], [responses[i] for i in padded])
-      out.append(np.asarray(self._run(self.params, self.head_params, arrays))[:len(chunk)])
+      out.append(host_array(self._run(self.params, self.head_params, arrays))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, len(self.verdict_ids)), np.float32)
 
   def __call__(self, examples: Sequence[Example], responses: Sequence[str], lengths=None) -> np.ndarray:

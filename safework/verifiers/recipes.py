@@ -1,9 +1,9 @@
 """Label-gated rewards: r = w_format * format + sum over the row label's recipe of w * score.
 
 Recipes are data (experiment files hold them): a row labelled `safety` is scored by the safety verifier only,
-`knowledge_rule` by the math rule and helpfulness, and so on (safework_r1.md section 3). A label without a recipe
-gets the format reward alone. Each scorer runs once per batch on just the rows whose recipe names it, and every
-component is reported as its own metric over those rows.
+`knowledge_rule` by the math rule and helpfulness, and so on (safework_r1.md section 3). A row whose label has no
+recipe is an error (a misspelt label would otherwise earn the format reward alone). Each scorer runs once per
+batch on just the rows whose recipe names it, and every component is reported as its own metric over those rows.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ PAPER_RECIPES: dict[str, tuple[tuple[str, float], ...]] = {
     "general_rule": (("math_rule", 1.0),),
     "muldimif": (("instruction_following", 1.0), ("helpfulness", 1.0)),
 }
+
+
+RULES = ("math_rule", "refusal", "compliance", "refusal_correct", "instruction_following", "efficiency")
 
 
 def rule_scorer(name: str, max_tokens: int = 1024, target_tokens: int = 0) -> Scorer:
@@ -61,6 +64,9 @@ class RecipeReward:
     self.scorers, self.recipes, self.format_weight = dict(scorers), recipes, format_weight
 
   def __call__(self, examples: Sequence[Example], responses: Sequence[str], lengths: np.ndarray) -> Rewards:
+    unknown = sorted({e.label for e in examples} - set(self.recipes))
+    if unknown:
+      raise ValueError(f"rows labelled {unknown} have no reward recipe; the recipes cover {sorted(self.recipes)}")
     n = len(responses)
     lengths = np.asarray(lengths)
     fmt = np.array([rules.format_ok(r) for r in responses], np.float32)

@@ -1,6 +1,7 @@
 """Fine-tuning verifiers on labelled judgments: cross-entropy over verdicts, or Bradley-Terry over pairs.
 
-The trainable tree is {"backbone": judge parameters, "head": classifier head}; the backbone is frozen unless
+Training runs through the core loop (`safework.training.Trainer`: checkpoints, resume, guard, preemption). The
+trainable tree is {"backbone": judge parameters, "head": classifier head}; the backbone is frozen unless
 `train_backbone` (its vision tower always is). Verifiers save like policies: a Hugging Face checkpoint of the
 backbone plus `verifier.json` (the judge spec and head kind) and `verifier_head.safetensors`.
 """
@@ -11,13 +12,12 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import tqdm
 from safetensors.numpy import load_file, save_file
 
 from safework import sharding
@@ -26,8 +26,9 @@ from safework.models import from_pretrained, save_pretrained
 from safework.models.checkpoint import abstract_params
 from safework.processing import Processor
 from safework.rl.optim import OptimSettings, make_optimizer
+from safework.training import StepBatch, Trainer, TrainSettings, abstract_of, abstract_state, new_state, read_metrics
 from safework.verifiers.judges import JudgeSpec
-from safework.verifiers.model_verifier import ModelVerifier
+from safework.verifiers.model_verifier import JudgePixels, ModelVerifier
 
 OBJECTIVES = ("cross_entropy", "bradley_terry")
 
@@ -40,12 +41,12 @@ class VerifierTrainSettings:
   steps: int = 200
   batch_size: int = 16
   weight_decay: float = 0.0
-  seed: int = 0
-  progress_bar: bool = True
 
   def validate(self) -> "VerifierTrainSettings":
     if self.objective not in OBJECTIVES:
       raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+    if self.steps < 1 or self.batch_size < 1:
+      raise ValueError(f"verifier training needs positive steps and batch_size, got {self.steps}, {self.batch_size}")
     return self
 
 
@@ -60,64 +61,119 @@ def _verdict_index(spec: JudgeSpec, verdict: str) -> int:
   return spec.verdicts.index(verdict)
 
 
+@flax.struct.dataclass
+class JudgeRows:
+  """Judge prompts [R, T] (R = B rows, or 2B for preference pairs: chosen rows, then rejected) and targets [B]."""
+  input_ids: jax.Array
+  attention_mask: jax.Array
+  targets: jax.Array
+
+
+@flax.struct.dataclass
+class JudgeContext:
+  pixels: JudgePixels
+  prepared: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class VerdictObjective:
+  """Cross-entropy on the verdict, or Bradley-Terry on (chosen, rejected) with score = lp(first) - lp(second)."""
+  logprobs: Callable
+  objective: str
+
+  def totals(self, rows: JudgeRows):
+    return None
+
+  def __call__(self, trainable, rows: JudgeRows, context: JudgeContext, totals):
+    out = self.logprobs(trainable["backbone"], trainable["head"] or None, rows.input_ids, rows.attention_mask,
+                        context.pixels, context.prepared)
+    normalised = jax.nn.log_softmax(out, axis=-1)
+    if self.objective == "cross_entropy":
+      return -jnp.take_along_axis(normalised, rows.targets[:, None], axis=1).mean(), {}
+    half = out.shape[0] // 2
+    score = normalised[:, 0] - normalised[:, 1]
+    return -jax.nn.log_sigmoid(score[:half] - score[half:]).mean(), {}
+
+
+class JudgmentSource:
+  """Batches of judgments drawn (seeded by step) from rows held in memory."""
+
+  def __init__(self, verifier: ModelVerifier, rows: Sequence[dict], settings: VerifierTrainSettings, seed: int,
+               mesh: jax.sharding.Mesh):
+    if not rows:
+      raise ValueError("verifier training needs at least one judgment row")
+    self.verifier, self.rows, self.settings, self.seed, self.mesh = verifier, list(rows), settings, seed, mesh
+    self.total_steps, self.batch_size = settings.steps, settings.batch_size
+    for row in self.rows:   # every verdict is checked before the first step
+      if settings.objective == "cross_entropy":
+        _verdict_index(verifier.spec, row["verdict"])
+
+  def batch(self, step: int, params) -> StepBatch:
+    picked = np.random.default_rng([self.seed, step]).choice(len(self.rows), self.batch_size)
+    rows = [self.rows[i] for i in picked]
+    examples = [judgment_examples(r) for r in rows]
+    if self.settings.objective == "cross_entropy":
+      arrays = self.verifier.batch_arrays(examples, [r["response"] for r in rows])
+      targets = np.array([_verdict_index(self.verifier.spec, r["verdict"]) for r in rows], np.int32)
+    else:
+      arrays = self.verifier.batch_arrays(examples * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+      targets = np.zeros(len(rows), np.int32)
+    rules = self.verifier.rules
+    place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, rules, x.ndim, x.shape[0]))
+    judge_rows = jax.tree.map(place, JudgeRows(arrays["input_ids"], arrays["attention_mask"], targets))
+    context = jax.device_put(JudgeContext(self.verifier.pixels(arrays), self.verifier.prepare(arrays)),
+                             sharding.replicated(self.mesh))
+    return StepBatch(rows=judge_rows, context=context, tokens=int(arrays["attention_mask"].sum()))
+
+  def position(self):
+    return {}, None
+
+  def restore(self, position, buffer) -> None:
+    pass
+
+  def reads_device(self, step: int) -> bool:
+    return False
+
+
 class VerifierTrainer:
-  def __init__(self, verifier: ModelVerifier, settings: VerifierTrainSettings):
+  """Fine-tunes a verifier's backbone and head through the core loop, checkpointing in `workdir`."""
+
+  def __init__(self, verifier: ModelVerifier, settings: VerifierTrainSettings, workdir: str | Path, seed: int = 0,
+               train: TrainSettings = TrainSettings(checkpoint_every=100, keep_checkpoints=1)):
+    settings, train = settings.validate(), train.validate()
     if verifier.head == "verdict" and not settings.train_backbone:
       raise ValueError("a verdict head is the judge's own LM head: train it with train_backbone=True, or use a "
                        "classifier head")
-    self.verifier, self.settings = verifier, settings.validate()
+    if train.micro_batch_size not in (None, settings.batch_size):
+      raise ValueError("verifier training takes each batch whole (micro_batch_size=None): its judge prompts and "
+                       "their images are one block")
+    self.verifier, self.settings, self.workdir, self.seed = verifier, settings, Path(workdir), seed
+    self.mesh = verifier.mesh if verifier.mesh is not None else sharding.make_mesh({"data": -1})
+    on_mesh = lambda x: jax.device_put(x, sharding.replicated(self.mesh)) if not _on(x, self.mesh) else x
+    self.trainable = jax.tree.map(on_mesh, {"backbone": verifier.params, "head": verifier.head_params or {}})
     freeze = ("backbone/visual",) if settings.train_backbone else ("backbone",)
-    self.trainable = {"backbone": verifier.params, "head": verifier.head_params or {}}
     optim = OptimSettings(learning_rate=settings.learning_rate, warmup_fraction=0.05, weight_decay=settings.weight_decay,
                           freeze_prefixes=freeze)
     self.tx = make_optimizer(optim, settings.steps, self.trainable)
-    v = verifier
-    logprobs = functools.partial(ModelVerifier.logprobs_fn, v.model, v.head, v.verdict_ids)
-    objective = settings.objective
-
-    def loss_fn(trainable, ids, mask, pixel_values, prepared, targets):
-      out = logprobs(trainable["backbone"], trainable["head"] or None, ids, mask, pixel_values, prepared)
-      normalised = jax.nn.log_softmax(out, axis=-1)
-      if objective == "cross_entropy":
-        return -jnp.take_along_axis(normalised, targets[:, None], axis=1).mean()
-      half = out.shape[0] // 2   # rows [chosen..., rejected...]; score = first verdict vs second
-      score = normalised[:, 0] - normalised[:, 1]
-      return -jax.nn.log_sigmoid(score[:half] - score[half:]).mean()
-
-    def step(trainable, opt_state, ids, mask, pixel_values, prepared, targets):
-      loss, grads = jax.value_and_grad(loss_fn)(trainable, ids, mask, pixel_values, prepared, targets)
-      updates, opt_state = self.tx.update(grads, opt_state, trainable)
-      return optax.apply_updates(trainable, updates), opt_state, loss
-
-    self._step = jax.jit(step, donate_argnums=(0, 1))
-
-  def _batch(self, rows: Sequence[dict]) -> tuple[dict, np.ndarray]:
-    spec = self.verifier.spec
-    if self.settings.objective == "cross_entropy":
-      examples = [judgment_examples(r) for r in rows]
-      arrays = self.verifier.batch_arrays(examples, [r["response"] for r in rows])
-      return arrays, np.array([_verdict_index(spec, r["verdict"]) for r in rows], np.int32)
-    examples = [judgment_examples(r) for r in rows] * 2
-    responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-    return self.verifier.batch_arrays(examples, responses), np.zeros(len(responses), np.int32)
+    logprobs = functools.partial(ModelVerifier.logprobs_fn, verifier.model, verifier.head, verifier.verdict_ids)
+    self.objective = VerdictObjective(logprobs, settings.objective)
+    self.train_settings = train
 
   def train(self, rows: Sequence[dict]) -> list[float]:
-    """Trains for `steps` batches drawn (seeded) from `rows`; updates the verifier's parameters in place."""
-    rng = np.random.default_rng(self.settings.seed)
-    trainable = jax.tree.map(jnp.copy, self.trainable)
-    opt_state = self.tx.init(trainable)
-    losses = []
-    for _ in tqdm.trange(self.settings.steps, desc="verifier", dynamic_ncols=True,
-                         disable=not self.settings.progress_bar or jax.process_index() != 0):
-      picked = [rows[i] for i in rng.choice(len(rows), self.settings.batch_size, replace=len(rows) < self.settings.batch_size)]
-      arrays, targets = self._batch(picked)
-      prepared = self.verifier.prepare(arrays)
-      trainable, opt_state, loss = self._step(trainable, opt_state, arrays["input_ids"], arrays["attention_mask"],
-                                              arrays.get("pixel_values"), prepared, targets)
-      losses.append(float(loss))
-    self.verifier.params, self.verifier.head_params = trainable["backbone"], trainable["head"] or None
-    self.trainable = {"backbone": self.verifier.params, "head": self.verifier.head_params or {}}
-    return losses
+    """Trains for `steps` batches drawn (seeded) from `rows` (resuming from `workdir`'s checkpoints); updates the
+    verifier's parameters in place and returns the loss of each step."""
+    source = JudgmentSource(self.verifier, rows, self.settings, self.seed, self.mesh)
+    trainer = Trainer(workdir=self.workdir, mesh=self.mesh, settings=self.train_settings, objective=self.objective,
+                      tx=self.tx, source=source, name=f"judge {self.verifier.spec.name}")
+    state = trainer.run(lambda: new_state(self.tx, self.trainable, self.mesh),
+                        abstract_state(self.tx, abstract_of(self.trainable), self.mesh))
+    self.trainable = state.params
+    self.verifier.params, self.verifier.head_params = state.params["backbone"], state.params["head"] or None
+    return [r["loss"] for r in read_metrics(self.workdir)]
+
+
+def _on(x, mesh) -> bool:
+  return isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) and x.sharding.mesh == mesh
 
 
 def evaluate(verifier: ModelVerifier, rows: Sequence[dict]) -> dict[str, float]:

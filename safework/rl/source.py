@@ -1,0 +1,130 @@
+"""The RL trainer's batch source: rollouts, cut into minibatches, as the core loop steps through them.
+
+Optimizer step s trains minibatch s % S of rollout s // S (S = epochs * rows / minibatch_size). A rollout is
+sampled with the parameters of the step that first needs it. All randomness derives from (seed, rollout index):
+the prompts (through the stream position), the sampling keys and the minibatch order, so a checkpoint needs only
+the position (and, between the minibatches of a rollout, the rollout itself) to resume exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from safework import sharding
+from safework.distributed import host_array
+from safework.data.example import PromptSource, ShuffledStream
+from safework.models.qwen2_5_vl import Qwen25VL
+from safework.processing import Processor
+from safework.rewards.base import RewardFunction
+from safework.rl import losses, rollout as rollouts
+from safework.rl.batch import SequenceBatch, VisionContext, vision_features
+from safework.rl.objectives import make_logprob_fn
+from safework.rl.rollout import Rollout, RolloutSettings
+from safework.sampling import Sampler, SamplingSettings
+from safework.training.loop import StepBatch
+
+
+class RolloutSource:
+  def __init__(self, *, model: Qwen25VL, processor: Processor, prompts: PromptSource, reward_fn: RewardFunction,
+               settings: RolloutSettings, loss: losses.LossSettings, sampling: SamplingSettings, seed: int,
+               mesh: jax.sharding.Mesh, rules: sharding.Rules, micro_batch_size: int, logprob_chunk: int,
+               vision_trainable: bool, ref_params=None):
+    self.model, self.processor, self.reward_fn = model, processor, reward_fn
+    self.settings, self.loss, self.sampling, self.seed = settings, loss, sampling, seed
+    self.mesh, self.rules, self.vision_trainable, self.ref_params = mesh, rules, vision_trainable, ref_params
+    self.stream = ShuffledStream(prompts, seed)
+    self.sampler = Sampler(model, mesh=mesh, rules=rules)
+    self.total_steps, self.batch_size = settings.num_rollouts * settings.steps, settings.minibatch_size
+    self._logprobs = jax.jit(make_logprob_fn(model, settings.rows // micro_batch_size, logprob_chunk,
+                                             sampling.vocab_limit))
+    self._features = jax.jit(lambda params, vision: vision_features(model, params, vision))
+    self._index: int | None = None       # the rollout held
+    self._rollout: Rollout | None = None
+    self._rows: tuple[SequenceBatch, VisionContext] | None = None
+    self._served = (0, -1)               # (rollout, minibatch) of the last batch served
+    self._data_position = 0              # stream position of the next rollout's first prompt
+    self._fresh_metrics: dict[str, float] = {}
+
+  # -- BatchSource -------------------------------------------------------------------------------------------------
+
+  def reads_device(self, step: int) -> bool:
+    return step // self.settings.steps != self._index
+
+  def batch(self, step: int, params) -> StepBatch:
+    index, minibatch = divmod(step, self.settings.steps)
+    if index != self._index:
+      self._collect(index, params)
+    elif self._rows is None:   # restored from a checkpoint's buffer
+      self._lay_out(params)
+    rows, context = self._rows
+    picked = rows.rows(rollouts.minibatch_order(self.seed, index, self.settings)[minibatch])
+    metrics, self._fresh_metrics = {**self._fresh_metrics, "rollout": float(index)}, {}
+    self._served = (index, minibatch)
+    return StepBatch(rows=jax.tree.map(self._place, picked), context=context,
+                     tokens=int(np.asarray(picked.attention_mask).sum()), metrics=metrics)
+
+  def position(self) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    index, minibatch = self._served
+    if minibatch + 1 == self.settings.steps:
+      return {"rollout": index + 1, "data_position": self._data_position}, None
+    return {"rollout": index, "data_position": self._data_position}, self._rollout.to_buffer()
+
+  def restore(self, position: dict[str, Any], buffer: dict[str, np.ndarray] | None) -> None:
+    self._data_position = int(position["data_position"])
+    if buffer is not None:
+      self._index, self._rollout, self._rows = int(position["rollout"]), Rollout.from_buffer(buffer), None
+
+  # -- collecting ----------------------------------------------------------------------------------------------------
+
+  def _collect(self, index: int, params) -> None:
+    settings = self.settings
+    base = jax.random.fold_in(jax.random.key(self.seed), index)
+    rounds, start = [], time.perf_counter()
+    for k in range(settings.max_sampling_rounds if settings.dynamic_sampling else 1):
+      examples = self.stream.take(self._data_position, settings.prompts_per_rollout)
+      self._data_position += settings.prompts_per_rollout
+      rounds.append(rollouts.sample_round(examples, params, jax.random.fold_in(base, k), sampler=self.sampler,
+                                          processor=self.processor, reward_fn=self.reward_fn, settings=settings,
+                                          sampling=self.sampling))
+      informative = sum(int((~rollouts.equal_groups(r.shaped, settings.samples_per_prompt)).sum()) for r in rounds)
+      if informative >= settings.prompts_per_rollout:
+        break
+    generated = sum(int(r.outputs["lengths"].sum()) for r in rounds)
+    metrics = {"generation_s": time.perf_counter() - start}
+    metrics["generated_tokens_per_s"] = generated / max(metrics["generation_s"], 1e-9)
+    rollout, assembled = rollouts.assemble(rounds, settings, self.processor)
+    metrics.update(assembled)
+    start = time.perf_counter()
+    if self.ref_params is not None or settings.old_logprobs == "recompute":
+      rows, vision = rollouts.training_rows(rollout, self.model.config, self.loss)
+      batch = jax.tree.map(self._place, rows)
+      if self.ref_params is not None:
+        ref_features = None if vision.empty else self._features(self.ref_params, vision)
+        rollout.ref_logp = host_array(self._logprobs(self.ref_params, batch, ref_features))
+        if self.loss.kl_in == "reward":   # a k1 penalty on each sequence's reward
+          mask = rows.loss_mask
+          rollout.rewards = rollout.rewards - self.loss.kl_beta * ((rollout.policy_logp - rollout.ref_logp) * mask).sum(1)
+          metrics["reward/with_kl_penalty"] = float(rollout.rewards.mean())
+      if settings.old_logprobs == "recompute":
+        features = None if vision.empty else self._features(params, vision)
+        rollout.old_logp = host_array(self._logprobs(params, batch, features))
+    metrics["logprob_pass_s"] = time.perf_counter() - start
+    rollout.advantages = settings.advantages(rollout.rewards, rollout.lengths)
+    metrics.update(rollouts.summarize_advantages(rollout.advantages), **rollouts.behaviour_ratio_stats(rollout))
+    self._index, self._rollout, self._fresh_metrics = index, rollout, metrics
+    self._lay_out(params)
+
+  def _place(self, x: np.ndarray) -> jax.Array:
+    return jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))
+
+  def _lay_out(self, params) -> None:
+    """The rollout's training rows and the minibatches' shared context (frozen-tower features, once)."""
+    batch, vision = rollouts.training_rows(self._rollout, self.model.config, self.loss)
+    vision = jax.device_put(vision, sharding.replicated(self.mesh))
+    features = None if vision.empty or self.vision_trainable else self._features(params, vision)
+    self._rows = (batch, VisionContext(vision=vision, features=features))
+

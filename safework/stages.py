@@ -1,0 +1,210 @@
+"""The one place an experiment config becomes a stage: parsed, checked, loaded, trained, saved.
+
+A stage section (the top level of `experiments/{sft,m3rl_kg,...}.py`, or one of the ladder's `config.stages`) has
+a `kind` and its sections: rl: rollout, loss, optim, train, reward; sft: sft, optim, train. `parse_stage` turns
+it into settings and checks them; `run_stage` then checks the data against the policy's processor, loads the
+policy, trains it through the core loop, and writes the result as a Hugging Face checkpoint
+(`<workdir>/policy`): the next stage's start and KL reference. Everything that can be checked is checked before
+any weights are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import jax
+
+from safework import sharding
+from safework.data.example import PromptSource
+from safework.data.jsonl import DataError
+from safework.data.user_builders import UserPrompts, UserRows, check_prompts, prepare, prompts_config
+from safework.experiment import close_matches, settings
+from safework.models import Qwen25VL, save_pretrained
+from safework.models.checkpoint import abstract_params
+from safework.policy import PolicySettings, load_processor, policy_model, policy_params
+from safework.processing import Processor
+from safework.rewards.base import RewardFunction
+from safework.rl.losses import LossSettings
+from safework.rl.optim import OptimSettings, check_prefixes
+from safework.rl.rollout import RolloutSettings
+from safework.rl.trainer import RLTrainer
+from safework.sft import SFTSettings, SFTTrainer, Trace
+from safework.training import TrainSettings
+from safework.verifiers.build import RewardSpec, build_reward, reward_spec
+from safework.verifiers.recipes import PAPER_RECIPES, Scorer
+
+log = logging.getLogger(__name__)
+SECTIONS = {"rl": ("rollout", "loss", "optim", "train", "reward"), "sft": ("sft", "optim", "train")}
+
+
+@dataclasses.dataclass(frozen=True)
+class RLStage:
+  rollout: RolloutSettings
+  loss: LossSettings
+  optim: OptimSettings
+  train: TrainSettings
+  reward: RewardSpec | None   # None: the task brings its own reward
+
+  @property
+  def total_steps(self) -> int:
+    return self.rollout.num_rollouts * self.rollout.steps
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStage:
+  sft: SFTSettings
+  optim: OptimSettings
+  train: TrainSettings
+
+  @property
+  def total_steps(self) -> int:
+    return self.sft.steps
+
+
+Stage = RLStage | SFTStage
+
+
+class StageData(Protocol):
+  """Where a stage's rows come from: the user's files, a built-in task, or the tiny suite."""
+  reward: RewardFunction | None   # a task's own reward, used when the stage configures none
+
+  def corpus(self) -> Sequence[str]:
+    """Text to train a tokenizer on, for a preset from scratch (empty: the policy must bring its tokenizer)."""
+
+  def prompts(self, labels: Sequence[str], processor: Processor, max_length: int) -> PromptSource:
+    """The RL prompts with these labels (all when empty), checked against the processor."""
+
+  def traces(self, processor: Processor, max_length: int) -> Sequence[Trace]:
+    """The SFT (example, trace) pairs, checked against the processor."""
+
+
+def parse_stage(section: Mapping[str, Any], extra_scorers: Sequence[str] = (), top_level: bool = False) -> Stage:
+  """Settings of a stage section; every error a config can hold is raised here, before anything loads.
+
+  `top_level`: the section is a whole single-stage experiment config, so keys of other sections are expected.
+  """
+  kind = section.get("kind")
+  if kind not in SECTIONS:
+    raise ValueError(f"stage kind {kind!r} is not one of {sorted(SECTIONS)}")
+  if not top_level:
+    unknown = sorted(set(section) - set(SECTIONS[kind]) - {"kind"})
+    if unknown:
+      raise ValueError(f"unknown keys {unknown} in a {kind} stage{close_matches(unknown[0], SECTIONS[kind])}; "
+                       f"known: {list(SECTIONS[kind])}")
+  get = lambda name: section[name] if name in section else {}
+  if kind == "sft":
+    return SFTStage(sft=settings(SFTSettings, get("sft")), optim=settings(OptimSettings, get("optim")),
+                    train=settings(TrainSettings, get("train")))
+  reward = reward_spec(section["reward"], tuple(extra_scorers)) if "reward" in section else None
+  return RLStage(rollout=settings(RolloutSettings, get("rollout")), loss=settings(LossSettings, get("loss")),
+                 optim=settings(OptimSettings, get("optim")), train=settings(TrainSettings, get("train")),
+                 reward=reward)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedPolicy:
+  model: Qwen25VL
+  params: Any
+  processor: Processor
+  path: Path          # the Hugging Face checkpoint written from it
+
+
+def run_stage(stage: Stage, *, policy: PolicySettings, data: StageData, seed: int, workdir: str | Path,
+              mesh: jax.sharding.Mesh, rules: sharding.Rules, processor: Processor | None = None,
+              extra_scorers: Mapping[str, Scorer] | None = None) -> TrainedPolicy:
+  """Trains the stage (resuming from `workdir`'s checkpoints) and writes its policy to `<workdir>/policy`."""
+  workdir = Path(workdir)
+  processor = processor or load_processor(policy, workdir, data.corpus())
+  model = policy_model(policy)
+  check_prefixes(abstract_params(model), stage.optim.freeze_prefixes)
+  if isinstance(stage, RLStage):
+    needed = stage.rollout.max_prompt_length + stage.rollout.max_new_tokens
+    if needed > model.config.text.max_position_embeddings:
+      raise ValueError(f"max_prompt_length + max_new_tokens = {needed} exceed the policy's "
+                       f"{model.config.text.max_position_embeddings} positions; lower them")
+    if stage.reward is None and data.reward is None:
+      raise ValueError("this RL stage has no reward section and its data brings no reward of its own")
+    prompts = data.prompts(stage.reward.labels if stage.reward else (), processor, stage.rollout.max_prompt_length)
+    reward = build_reward(stage.reward, mesh, rules, extra_scorers) if stage.reward else data.reward
+    params = policy_params(policy, model, mesh, rules, seed)
+    params = RLTrainer(model=model, params=params, processor=processor, prompts=prompts, reward_fn=reward,
+                       rollout=stage.rollout, loss=stage.loss, optim=stage.optim, train=stage.train, seed=seed,
+                       workdir=workdir, mesh=mesh, rules=rules).run().params
+  else:
+    traces = data.traces(processor, stage.sft.prompt_length)
+    params = policy_params(policy, model, mesh, rules, seed)
+    params = SFTTrainer(model=model, params=params, processor=processor, traces=traces, settings=stage.sft,
+                        optim=stage.optim, train=stage.train, seed=seed, workdir=workdir, mesh=mesh, rules=rules).run()
+  out = workdir / "policy"
+  save_pretrained(out, model, params)
+  processor.save_pretrained(out)
+  return TrainedPolicy(model, params, processor, out)
+
+
+def from_config(config: Mapping[str, Any], workdir: str | Path, data: StageData | None = None
+                ) -> Callable[[], TrainedPolicy]:
+  """A single-stage experiment config (experiments/{sft,m3rl_kg,...,toy_rl}.py), parsed and checked now; the
+  returned call trains it. `data` replaces the config's own (`task`, or the user's files in `data`)."""
+  from safework.tasks import get_task
+  stage = parse_stage(config, top_level=True)
+  policy = settings(PolicySettings, config["model"])
+  if data is None:
+    data = (get_task(config["task"], config["seed"]) if config["task"] != "user" else
+            UserData(config["data"]["manual_dir"], config["data"]["split"], workdir))
+  mesh, rules = sharding.make_mesh(dict(config["mesh"])), sharding.rules_of(config["sharding_rules"])
+  return lambda: run_stage(stage, policy=policy, data=data, seed=config["seed"], workdir=workdir, mesh=mesh,
+                           rules=rules)
+
+
+def check_labels_present(labels: Sequence[str], counts: Mapping[str, int], where: str) -> None:
+  """A recipe label of the reward that is not one of the paper's and labels no row is an error: misspelt, it would
+  leave the rows it meant out of training without a word. The paper's labels may be absent from a dataset."""
+  for label in labels:
+    if label in counts:
+      continue
+    if label not in PAPER_RECIPES:
+      raise DataError(f"the reward has a recipe for label {label!r}{close_matches(label, counts)}, but no row of "
+                      f"{where} has it (its labels: {dict(sorted(counts.items()))}); fix the recipe's label or the "
+                      "rows'")
+    log.info("no row of %s is labelled %r: its recipe is unused", where, label)
+
+
+class UserData:
+  """The user's files (`data=DIR`: train/validation/test .jsonl or .csv), built once into `<workdir>/data`."""
+  reward = None
+
+  def __init__(self, manual_dir: str | None, split: str, workdir: str | Path):
+    if not manual_dir:
+      raise ValueError("this experiment reads your data: pass data=/path/to/dir (with train.jsonl, ...) in the "
+                       "config argument, or set --config.data.manual_dir")
+    self.manual_dir, self.split, self.workdir = Path(manual_dir), split, Path(workdir)
+
+  def corpus(self) -> Sequence[str]:
+    return ()
+
+  def _count(self, processor: Processor):
+    return lambda example, sizes: processor.count_tokens(processor.render(example.messages()), sizes)
+
+  def _rows(self, labels: Sequence[str]):
+    sources = prepare(UserPrompts, self.workdir / "data", self.manual_dir, prompts_config(labels)).as_data_source()
+    if self.split not in sources or not len(sources[self.split]):
+      raise DataError(f"{self.manual_dir}: the {self.split} split has no rows with labels {sorted(labels)}")
+    return sources[self.split]
+
+  def prompts(self, labels: Sequence[str], processor: Processor, max_length: int) -> PromptSource:
+    counts = check_prompts(self.manual_dir, self.split, self._count(processor), max_length,
+                           known_labels=sorted(set(PAPER_RECIPES) | set(labels)))
+    check_labels_present(labels, counts, f"{self.manual_dir}'s {self.split} split")
+    skipped = {k: n for k, n in counts.items() if labels and k not in labels}
+    if skipped:
+      log.info("this stage trains on labels %s; %d rows with other labels are left out: %s", sorted(labels),
+               sum(skipped.values()), skipped)
+    return UserRows(self._rows(labels))
+
+  def traces(self, processor: Processor, max_length: int) -> Sequence[Trace]:
+    check_prompts(self.manual_dir, self.split, self._count(processor), max_length, need_response=True)
+    return UserRows(self._rows(()), traces=True)
+
