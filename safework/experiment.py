@@ -59,13 +59,19 @@ def _scalar_type(annotation) -> type | None:
   return args[0] if len(args) == 1 and isinstance(args[0], type) else None
 
 
-def section(cls: type, **changes: Any) -> ml_collections.ConfigDict:
-  """Every field of the settings dataclass `cls` with its default, `changes` applied (unknown ones rejected)."""
+def _fields(cls: type, keys) -> dict[str, dataclasses.Field]:
+  """The dataclass's fields; keys that are none of them are an error naming the close matches."""
   fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(changes) - set(fields))
+  unknown = sorted(set(keys) - set(fields))
   if unknown:
     raise ValueError(f"unknown keys {unknown} for {cls.__name__}{close_matches(unknown[0], fields)}; "
                      f"known keys: {sorted(fields)}")
+  return fields
+
+
+def section(cls: type, **changes: Any) -> ml_collections.ConfigDict:
+  """Every field of the settings dataclass `cls` with its default, `changes` applied (unknown ones rejected)."""
+  fields = _fields(cls, changes)
   hints = typing.get_type_hints(cls)
   out = ml_collections.ConfigDict()
   for name, field in fields.items():
@@ -82,11 +88,7 @@ def settings(cls: type[T], section: Any, **extra: Any) -> T:
   """Builds the frozen dataclass `cls` from a config section; unknown keys are an error naming the known ones."""
   values = dict(section.to_dict() if isinstance(section, ml_collections.ConfigDict) else section or {})
   values.update(extra)
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - set(fields))
-  if unknown:
-    raise ValueError(f"unknown keys {unknown} for {cls.__name__}{close_matches(unknown[0], fields)}; "
-                     f"known keys: {sorted(fields)}")
+  _fields(cls, values)
   hints = typing.get_type_hints(cls)
   for name, value in values.items():   # ConfigDicts hold lists where the dataclasses want tuples
     if isinstance(value, list) and _wants_tuple(hints[name]):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -23,7 +23,7 @@ from safework.processing import Processor
 from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, build_sequences, prompt_feature_index
 from safework.rl.objectives import CrossEntropyObjective
 from safework.rl.optim import OptimSettings, make_optimizer
-from safework.training import StepBatch, Trainer, TrainSettings, abstract_of, abstract_state, new_state
+from safework.training import StepBatch, StepSource, Trainer, TrainSettings, abstract_of, abstract_state, new_state
 
 Trace = tuple[Example, str]
 
@@ -71,7 +71,7 @@ def sft_rows(examples: Sequence[Example], traces: Sequence[str], processor: Proc
                              video_layout=prepared.video_layout)
 
 
-class TraceSource:
+class TraceSource(StepSource):
   """SFT batches: `batch_size` traces drawn (seeded by step) from random-access `traces`; each host reads its
   share of a batch."""
 
@@ -97,15 +97,6 @@ class TraceSource:
     return StepBatch(rows=jax.tree.map(place, rows),
                      context=VisionContext(vision=jax.device_put(vision, sharding.replicated(self.mesh))),
                      tokens=int(rows.attention_mask.sum()))
-
-  def position(self) -> tuple[dict[str, Any], None]:
-    return {}, None
-
-  def restore(self, position: dict[str, Any], buffer) -> None:
-    pass
-
-  def reads_device(self, step: int) -> bool:
-    return False
 
 
 class SFTTrainer:

@@ -67,7 +67,8 @@ def test_user_rows_are_checked_before_the_model_loads(tmp_path, chat_checkpoint,
 
 
 def test_a_misspelt_recipe_label_is_named_not_left_out(tmp_path, chat_checkpoint, no_weights):
-  data = _data(tmp_path, [{"prompt": "2+2?", "label": "general_rule"}, {"prompt": "capital?", "label": "knowledge_rule"}])
+  data = _data(tmp_path, [{"prompt": "2+2?", "label": "general_rule"},
+                          {"prompt": "capital?", "label": "knowledge_rule"}])
   config = m3rl_kg.get_config(f"variant=tiny,data={data},init={chat_checkpoint}")
   config.reward.recipes = {"general_rule": [["math_rule", 1.0]], "knowlege_rule": [["math_rule", 1.0]]}
   with pytest.raises(DataError, match=r"a recipe for label 'knowlege_rule' \(did you mean 'knowledge_rule'\?\), but "

@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 import transformers

@@ -41,7 +41,7 @@ def test_toy_rl_raises_the_reward(tmp_path):
   _train(_config(rollout__num_rollouts=6), tmp_path)
   rewards = _rewards(tmp_path)
   assert len(rewards) == 6
-  # Measured (seed 0, 8 devices): 0.092 0.112 0.145 0.190 0.233 0.281.
+  # Measured (seed 0, 8 devices): 0.092 0.120 0.159 0.205 0.259 0.292.
   assert np.mean(rewards[-2:]) - rewards[0] > 0.12, rewards
   assert (tmp_path / "policy" / "model.safetensors").is_file()   # every stage writes its policy
 

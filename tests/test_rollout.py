@@ -28,7 +28,8 @@ def _round(processor, offset: int, group_rewards: list[float], equal: list[bool]
   rewards = np.array([r if eq else r + 0.5 * g for r, eq in zip(group_rewards, equal) for g in range(G)], np.float32)
   outputs = {"responses": np.arange(rows * N).reshape(rows, N).astype(np.int32) + 1000 * offset,
              "lengths": np.full(rows, N, np.int32), "done": np.ones(rows, bool),
-             "policy_logp": np.full((rows, N), -1.0, np.float32), "behaviour_logp": np.full((rows, N), -1.0, np.float32)}
+             "policy_logp": np.full((rows, N), -1.0, np.float32),
+             "behaviour_logp": np.full((rows, N), -1.0, np.float32)}
   scored = Rewards(total=rewards, components={"format": np.ones(rows, np.float32)})
   return _Round(examples, PromptBatch.of(examples, processor, 64, 1), outputs, scored, rewards, np.ones(rows, bool))
 

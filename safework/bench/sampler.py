@@ -11,7 +11,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,6 @@ Weights are random; the vision tower is frozen and unused (text prompts), as in 
 
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp

@@ -33,7 +33,8 @@ def run(preset: str, batch: int, prompt_len: int, verdict_tokens: int, dtype: st
     ids = np.random.default_rng(0).integers(20, min(cfg.text.vocab_size, 150000), (batch, prompt_len)).astype(np.int32)
     mask = np.ones_like(ids)
     prepared = prepare_inputs(cfg, ids, mask)
-    head = jax.jit(lambda p, i, m, pr: ModelVerifier.logprobs_fn(model, "verdict", verdict_ids, p, None, i, m, JudgePixels(), pr))
+    head = jax.jit(lambda p, i, m, pr: ModelVerifier.logprobs_fn(model, "verdict", verdict_ids, p, None, i, m,
+                                                                 JudgePixels(), pr))
     head_s = best_time(lambda: head(params, ids, mask, prepared), repeats=3)
     sampler = Sampler(model, mesh=mesh)
     settings = SamplingSettings(max_new_tokens=verdict_tokens, temperature=0.0)

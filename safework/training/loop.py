@@ -99,6 +99,19 @@ class BatchSource(Protocol):
     """Whether serving `step` waits on the device (e.g. sampling a new rollout)."""
 
 
+class StepSource:
+  """A source whose batches are a pure function of the step: nothing to store or restore, nothing waited on."""
+
+  def position(self) -> tuple[dict[str, Any], None]:
+    return {}, None
+
+  def restore(self, position: dict[str, Any], buffer) -> None:
+    pass
+
+  def reads_device(self, step: int) -> bool:
+    return False
+
+
 @dataclasses.dataclass
 class _Pending:
   step: int

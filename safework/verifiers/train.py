@@ -26,7 +26,8 @@ from safework.models import from_pretrained, save_pretrained
 from safework.models.checkpoint import abstract_params
 from safework.processing import Processor
 from safework.rl.optim import OptimSettings, make_optimizer
-from safework.training import StepBatch, Trainer, TrainSettings, abstract_of, abstract_state, new_state, read_metrics
+from safework.training import (StepBatch, StepSource, Trainer, TrainSettings, abstract_of, abstract_state,
+                               new_state, read_metrics)
 from safework.verifiers.judges import JudgeSpec
 from safework.verifiers.model_verifier import JudgePixels, ModelVerifier
 
@@ -95,7 +96,7 @@ class VerdictObjective:
     return -jax.nn.log_sigmoid(score[:half] - score[half:]).mean(), {}
 
 
-class JudgmentSource:
+class JudgmentSource(StepSource):
   """Batches of judgments drawn (seeded by step) from rows held in memory."""
 
   def __init__(self, verifier: ModelVerifier, rows: Sequence[dict], settings: VerifierTrainSettings, seed: int,
@@ -124,15 +125,6 @@ class JudgmentSource:
     context = jax.device_put(JudgeContext(self.verifier.pixels(arrays), self.verifier.prepare(arrays)),
                              sharding.replicated(self.mesh))
     return StepBatch(rows=judge_rows, context=context, tokens=int(arrays["attention_mask"].sum()))
-
-  def position(self):
-    return {}, None
-
-  def restore(self, position, buffer) -> None:
-    pass
-
-  def reads_device(self, step: int) -> bool:
-    return False
 
 
 class VerifierTrainer:
