@@ -13,9 +13,9 @@ Errors in the config, the data or the work directory end the run with one line n
 
 from __future__ import annotations
 
+import importlib.util
 import logging as std_logging
 import os
-import importlib.util
 import re
 import sys
 from typing import Callable
@@ -136,11 +136,11 @@ def _run(config, workdir: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   if config.job not in JOBS:
     raise ValueError(f"config.job={config.job!r}; choose one of {sorted(JOBS)}")
+  run = JOBS[config.job](config, workdir)   # every setting is checked before the work directory is touched
   if _FRESH.value:
     moved = supersede(workdir)
     if moved:
       logging.warning("the previous run in %s was moved to %s", workdir, moved)
-  run = JOBS[config.job](config, workdir)   # every setting is checked before the work directory is touched
   with WorkdirLock(workdir):
     check_config(workdir, config.to_dict())
     try:
