@@ -122,10 +122,16 @@ class Checkpointer:
     self.raise_if_failed()
 
   def close(self) -> None:
-    """Waits for the last save (unless one failed: then nothing more is waited for) and releases orbax."""
+    """Waits for the last save and releases orbax. After a failed save (already raised) nothing more is waited
+    for or raised: orbax's threads report the same failure again while they shut down."""
     if self._failure is None:
       self.wait()
-    self.manager.close()
+      self.manager.close()
+      return
+    try:
+      self.manager.close()
+    except Exception as e:  # noqa: BLE001 - the failure this repeats has been raised to the caller
+      log.debug("closing the checkpoint manager after a failed save: %s", e)
 
   # -- restoring -------------------------------------------------------------------------------------------------
 
