@@ -63,6 +63,11 @@ def all_agree(flag: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
 
 
+def wait_for_all() -> None:
+  """A barrier: returns when every process has reached it (e.g. after process 0 wrote files all will read)."""
+  all_agree(True)
+
+
 def share(count: int, process: int | None = None, processes: int | None = None) -> range:
   """This process's contiguous share of `count` items (the first `count % processes` shares are one larger)."""
   process = jax.process_index() if process is None else process

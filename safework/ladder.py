@@ -71,7 +71,7 @@ def train_verifiers(judges: dict[str, TinyJudgeSettings], seed: int, workdir: Pa
       manual.mkdir(parents=True, exist_ok=True)
       for split_name, part in (("train", rows[:split]), ("test", rows[split:])):
         (manual / f"{split_name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    distributed.all_agree(True)
+    distributed.wait_for_all()
     sources = prepare(Judgments, workdir / "data" / f"tfds_judgments_{name}", manual).as_data_source()
     train_rows, test_rows = ([decode(r) for r in sources[s]] for s in ("train", "test"))
     cfg = get_preset("tiny")
@@ -140,7 +140,7 @@ class Ladder:
           scores = evaluate(trained.model, trained.params, trained.processor, test, self.eval, mesh)
         if distributed.is_main():
           (out / "eval.json").write_text(json.dumps({"stage": name, "step": stage.total_steps, **scores}, indent=2))
-        distributed.all_agree(True)
+        distributed.wait_for_all()
       result = json.loads((out / "eval.json").read_text())
       log.info("stage %s: capability %.3f, safety %.3f, value %.3f, %.1f response tokens (%.0f s)", name,
                result["capability"], result["safety"], result["value"], result["response_tokens"],
@@ -148,4 +148,7 @@ class Ladder:
       checkpoints.append(result)
       curves[name] = read_metrics(out)
       previous = str(out / "policy")
-    return write_report(workdir, checkpoints, curves)
+    if distributed.is_main():
+      write_report(workdir, checkpoints, curves)
+    distributed.wait_for_all()
+    return workdir / "report.json"

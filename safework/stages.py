@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 
-from safework import sharding
+from safework import distributed, sharding
 from safework.data.example import PromptSource
 from safework.data.jsonl import DataError
 from safework.data.user_builders import UserPrompts, UserRows, check_prompts, prepare, prompts_config
@@ -139,8 +139,10 @@ def run_stage(stage: Stage, *, policy: PolicySettings, data: StageData, seed: in
     params = SFTTrainer(model=model, params=params, processor=processor, traces=traces, settings=stage.sft,
                         optim=stage.optim, train=stage.train, seed=seed, workdir=workdir, mesh=mesh, rules=rules).run()
   out = workdir / "policy"
-  save_pretrained(out, model, params)
-  processor.save_pretrained(out)
+  save_pretrained(out, model, params)   # every process gathers its shards; process 0 writes
+  if distributed.is_main():
+    processor.save_pretrained(out)
+  distributed.wait_for_all()   # the next stage reads this checkpoint on every host
   return TrainedPolicy(model, params, processor, out)
 
 

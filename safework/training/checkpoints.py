@@ -188,7 +188,7 @@ class Checkpointer:
     if distributed.is_main():
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(str(self.directory / str(step)), str(target))
-    distributed.all_agree(True)   # every process waits for the move
+    distributed.wait_for_all()   # for the move
     self.manager.reload()
 
 

@@ -120,5 +120,5 @@ def supersede(workdir: str | Path) -> Path | None:
     with WorkdirLock(workdir):   # not while another run trains there
       if distributed.is_main():
         workdir.rename(target)
-  distributed.all_agree(True)
+  distributed.wait_for_all()
   return target if moved else None

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from safework import sharding
+from safework import distributed, sharding
+from safework.distributed import host_array
 from safework.data.example import Example
 from safework.models import from_pretrained, save_pretrained
 from safework.models.checkpoint import abstract_params
@@ -191,13 +192,15 @@ def evaluate(verifier: ModelVerifier, rows: Sequence[dict]) -> dict[str, float]:
 def save_verifier(path: str | Path, verifier: ModelVerifier) -> Path:
   """Backbone as a Hugging Face checkpoint (with the tokenizer), plus the judge spec and the head."""
   path = Path(path)
-  save_pretrained(path, verifier.model, verifier.params)
-  verifier.processor.tokenizer.save_pretrained(path)
-  (path / "verifier.json").write_text(json.dumps({"head": verifier.head, "spec": dataclasses.asdict(verifier.spec)},
-                                                 indent=2))
-  if verifier.head_params is not None:
-    save_file({k: np.asarray(jax.device_get(v)) for k, v in verifier.head_params.items()},
-              str(path / "verifier_head.safetensors"))
+  save_pretrained(path, verifier.model, verifier.params)   # every process gathers its shards; process 0 writes
+  head = {k: host_array(v) for k, v in (verifier.head_params or {}).items()}
+  if distributed.is_main():
+    verifier.processor.tokenizer.save_pretrained(path)
+    (path / "verifier.json").write_text(json.dumps({"head": verifier.head, "spec": dataclasses.asdict(verifier.spec)},
+                                                   indent=2))
+    if head:
+      save_file(head, str(path / "verifier_head.safetensors"))
+  distributed.wait_for_all()
   return path
 
 
