@@ -19,7 +19,7 @@ from safework import distributed
 from safework.data.example import Example
 from safework.models.qwen2_5_vl import Qwen25VL
 from safework.processing import Processor
-from safework.sampling import Sampler, SamplingSettings
+from safework.sampling import PromptBatch, Sampler, SamplingSettings
 from safework.sampling.text import decode_rows
 from safework.verifiers import rules
 
@@ -49,9 +49,8 @@ def generate_greedy(model: Qwen25VL, params, processor: Processor, examples: Seq
   for start in tqdm.tqdm(starts, desc="eval", dynamic_ncols=True, disable=jax.process_index() != 0):
     chunk = list(examples[start:start + settings.batch_size])
     rows = chunk + [chunk[0]] * (settings.batch_size - len(chunk))
-    batch = processor([processor.render(e.messages()) for e in rows], images=[im for e in rows for im in e.images],
-                      max_length=settings.max_prompt_length, image_multiple=settings.image_multiple)
-    out = sampler.generate(params, batch, jax.random.key(0), sampling)
+    batch = PromptBatch.of(rows, processor, settings.max_prompt_length, settings.image_multiple)
+    out = sampler.generate(params, batch.arrays(), jax.random.key(0), sampling)
     texts += decode_rows(tokenizer, out.tokens, out.lengths)[:len(chunk)]
     lengths += distributed.host_array(out.lengths)[:len(chunk)].tolist()
   return texts, np.asarray(lengths)

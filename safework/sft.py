@@ -17,13 +17,13 @@ import numpy as np
 
 from safework import distributed, sharding
 from safework.data.example import Example, from_wire, to_wire
-from safework.models.inputs import prepare_inputs
 from safework.models.qwen2_5_vl import Qwen25VL
 from safework.processing import Processor
-from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, build_sequences, prompt_feature_index
+from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, prompt_sequences
+from safework.sampling.prompts import PromptBatch
 from safework.rl.objectives import CrossEntropyObjective
 from safework.rl.optim import OptimSettings, make_optimizer
-from safework.training import StepBatch, StepSource, Trainer, TrainSettings, abstract_of, abstract_state, new_state
+from safework.training import StepBatch, StepSource, Trainer, TrainSettings
 
 Trace = tuple[Example, str]
 
@@ -45,30 +45,17 @@ class SFTSettings:
 def sft_rows(examples: Sequence[Example], traces: Sequence[str], processor: Processor, model_config,
              settings: SFTSettings) -> tuple[SequenceBatch, VisionInputs]:
   """Training rows (prompt + trace + end-of-turn) for a batch of traces."""
-  texts = [processor.render(e.messages()) for e in examples]
-  images = [im for e in examples for im in e.images]
-  videos = [v for e in examples for v in e.videos]
-  prompts = processor(texts, images=images, videos=videos, max_length=settings.prompt_length,
-                      image_multiple=settings.image_multiple)
-  pad = settings.prompt_length - prompts["input_ids"].shape[1]
+  prompts = PromptBatch.of(examples, processor, settings.prompt_length, settings.image_multiple,
+                           width=settings.prompt_length)
   tokenizer = processor.tokenizer
-  ids = np.pad(prompts["input_ids"], ((0, 0), (pad, 0)), constant_values=tokenizer.pad_token_id)
-  mask = np.pad(prompts["attention_mask"], ((0, 0), (pad, 0)))
   end = tokenizer.eos_token or "<|im_end|>"
   responses = [tokenizer.encode(t + end, add_special_tokens=False)[:settings.response_length] for t in traces]
   tokens = np.full((len(responses), settings.response_length), tokenizer.pad_token_id, np.int32)
   for i, r in enumerate(responses):
     tokens[i, :len(r)] = r
   lengths = np.array([len(r) for r in responses], np.int32)
-  prepared = prepare_inputs(model_config, ids, mask, prompts.get("image_grid_thw"), prompts.get("video_grid_thw"),
-                            prompts.get("second_per_grid_ts"), prompts.get("pixel_values"),
-                            prompts.get("pixel_values_videos"), int(prompts.get("padding_images", 0)))
-  index = prompt_feature_index(ids, model_config.image_token_id, model_config.video_token_id)
-  zeros = np.zeros(tokens.shape, np.float32)
-  batch = build_sequences(ids, mask, prepared, index, tokens, lengths, zeros, np.zeros(len(tokens), np.float32))
-  return batch, VisionInputs(pixel_values=prompts.get("pixel_values"), image_layout=prepared.image_layout,
-                             pixel_values_videos=prompts.get("pixel_values_videos"),
-                             video_layout=prepared.video_layout)
+  return prompt_sequences(prompts, model_config, tokens, lengths, np.zeros(tokens.shape, np.float32),
+                          np.zeros(len(tokens), np.float32))
 
 
 class TraceSource(StepSource):
@@ -106,7 +93,7 @@ class SFTTrainer:
                settings: SFTSettings, optim: OptimSettings, train: TrainSettings, seed: int, workdir: str | Path,
                mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES):
     settings = settings.validate()
-    self.params, self.mesh = params, mesh
+    self.params = params
     self.tx = make_optimizer(optim, settings.steps, params)
     self.source = TraceSource(traces, processor, model.config, settings, seed, mesh, rules)
     objective = CrossEntropyObjective(model=model, logprob_chunk=train.logprob_chunk,
@@ -116,5 +103,4 @@ class SFTTrainer:
 
   def run(self):
     """Trains `steps` steps (resuming from the latest checkpoint) and returns the parameters."""
-    return self.trainer.run(lambda: new_state(self.tx, self.params, self.mesh),
-                            abstract_state(self.tx, abstract_of(self.params), self.mesh)).params
+    return self.trainer.run(self.params).params

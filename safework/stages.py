@@ -18,9 +18,9 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import jax
 
 from safework import distributed, sharding
-from safework.data.example import PromptSource
+from safework.data.example import PromptSource, Rows
 from safework.data.jsonl import DataError
-from safework.data.user_builders import UserPrompts, UserRows, check_prompts, prepare, prompts_config
+from safework.data.user_builders import UserPrompts, check_prompts, prepare, prompts_config, user_example
 from safework.experiment import close_matches, settings
 from safework.models import Qwen25VL, save_pretrained
 from safework.models.checkpoint import abstract_params
@@ -187,9 +187,6 @@ class UserData:
   def corpus(self) -> Sequence[str]:
     return ()
 
-  def _count(self, processor: Processor):
-    return lambda example, sizes: processor.count_tokens(processor.render(example.messages()), sizes)
-
   def _rows(self, labels: Sequence[str]):
     sources = prepare(UserPrompts, self.workdir / "data", self.manual_dir, prompts_config(labels)).as_data_source()
     if self.split not in sources or not len(sources[self.split]):
@@ -197,16 +194,16 @@ class UserData:
     return sources[self.split]
 
   def prompts(self, labels: Sequence[str], processor: Processor, max_length: int) -> PromptSource:
-    counts = check_prompts(self.manual_dir, self.split, self._count(processor), max_length,
+    counts = check_prompts(self.manual_dir, self.split, processor, max_length,
                            known_labels=sorted(set(PAPER_RECIPES) | set(labels)))
     check_labels_present(labels, counts, f"{self.manual_dir}'s {self.split} split")
     skipped = {k: n for k, n in counts.items() if labels and k not in labels}
     if skipped:
       log.info("this stage trains on labels %s; %d rows with other labels are left out: %s", sorted(labels),
                sum(skipped.values()), skipped)
-    return UserRows(self._rows(labels))
+    return Rows(self._rows(labels), user_example)
 
   def traces(self, processor: Processor, max_length: int) -> Sequence[Trace]:
-    check_prompts(self.manual_dir, self.split, self._count(processor), max_length, need_response=True)
-    return UserRows(self._rows(()), traces=True)
+    check_prompts(self.manual_dir, self.split, processor, max_length, need_response=True)
+    return Rows(self._rows(()), user_example, traces=True)
 

@@ -21,7 +21,7 @@ class TaskData:
   def prompts(self, labels, processor, max_length) -> Sequence[Example]:
     rows = self.examples(self.seed)
     for i, example in enumerate(rows):
-      tokens = processor.count_tokens(processor.render(example.messages()))
+      tokens = example.prompt_tokens(processor)
       if tokens > max_length:
         raise ValueError(f"prompt {i} of the task has {tokens} tokens, more than max_prompt_length={max_length}")
     return rows

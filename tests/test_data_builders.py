@@ -9,8 +9,9 @@ import pytest
 
 from safework.data import tiny_suite
 from safework.data.jsonl import DataError
-from safework.data.tiny_builder import SuiteSource, TinySuiteConfig, build, example_of
-from safework.data.user_builders import UserPrompts, UserRows, prepare, user_example
+from safework.data.example import Rows
+from safework.data.tiny_builder import SuiteData, TinySuiteConfig, build, example_of
+from safework.data.user_builders import UserPrompts, prepare, user_example
 
 SIZES = dict(sft=20, train=30, validation=5, test=10)
 
@@ -32,7 +33,7 @@ def test_tiny_suite_is_deterministic_and_round_trips(tmp_path):
   assert _records(first["test"]) == generated
   images = [e.images[0] for e, _ in map(example_of, first["train"]) if e.images]
   assert images and all(im.dtype == np.uint8 and im.shape == (56, 56, 3) for im in images)
-  safety = SuiteSource(first["train"], ("safety",))
+  safety = SuiteData(first, seed=3).prompts(("safety",), processor=None, max_length=0)
   assert len(safety) and all(safety[i].label == "safety" for i in range(len(safety)))
 
 
@@ -84,7 +85,7 @@ def test_user_prompts_round_trip_from_jsonl_and_csv(tmp_path):
   assert example.answer == "a cat" and example.label == "knowledge" and example.meta == {"category": "animals"}
   assert example.images[0].shape == (30, 40, 3) and trace == "<think>fur</think> a cat"
   assert train[0][0].images == () and train[0][1] == ""
-  test = UserRows(sources["test"])
+  test = Rows(sources["test"], user_example)
   assert test[0].meta == {"harmful": True} and test[0].label == "safety"
 
 

@@ -11,8 +11,9 @@ from safework.data.example import Example
 from safework.processing import Processor
 from safework.rewards.base import Rewards
 from safework.rl import losses
-from safework.rl.rollout import (PromptBatch, Rollout, RolloutSettings, _Round, assemble, behaviour_ratio_stats,
+from safework.rl.rollout import (Rollout, RolloutSettings, _Round, assemble, behaviour_ratio_stats,
                                  overlong_shaping)
+from safework.sampling import PromptBatch
 from safework.stages import from_config
 from safework.tasks import get_task
 from safework.training import Checkpointer, read_metrics

@@ -12,8 +12,7 @@ import optax
 import pytest
 
 from safework import sharding
-from safework.training import (Preempted, StepBatch, Trainer, TrainingDiverged, TrainSettings, abstract_of,
-                               abstract_state, new_state, read_metrics)
+from safework.training import (Preempted, StepBatch, Trainer, TrainingDiverged, TrainSettings, new_state, read_metrics)
 from safework.training import loop as loop_module
 
 D = 8
@@ -72,8 +71,7 @@ def _params(mesh):
 def _run(tmp_path, mesh, source, tx=optax.sgd(0.1), **settings):
   settings = TrainSettings(progress_bar=False, checkpoint_every=2, **settings)
   trainer = Trainer(workdir=tmp_path, mesh=mesh, settings=settings, objective=Squares(), tx=tx, source=source)
-  params = _params(mesh)
-  return trainer.run(lambda: new_state(tx, params, mesh), abstract_state(tx, abstract_of(params), mesh))
+  return trainer.run(_params(mesh))
 
 
 def test_metrics_are_read_one_step_late_and_the_model_learns(tmp_path, mesh, monkeypatch):

@@ -152,7 +152,8 @@ def test_a_rerun_with_another_config_is_refused_and_fresh_moves_the_old_run_asid
   config = {"seed": 0, "data": {"manual_dir": "/data/a"}, "train": {"progress_bar": True}}
   check_config(tmp_path, config)
   check_config(tmp_path, {**config, "train": {"progress_bar": False}})   # how a run is watched may change
-  with pytest.raises(ConfigMismatchError, match=r"differs in:\n  data.manual_dir: '/data/a' -> '/data/b'\n  seed: 0 -> 1\n"):
+  differences = r"differs in:\n  data.manual_dir: '/data/a' -> '/data/b'\n  seed: 0 -> 1\n"
+  with pytest.raises(ConfigMismatchError, match=differences):
     check_config(tmp_path, {**config, "seed": 1, "data": {"manual_dir": "/data/b"}})
   (tmp_path / "metrics.jsonl").write_text("{}\n")
   moved = supersede(tmp_path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -31,6 +31,10 @@ class Example:
     system = [{"role": "system", "content": self.system}] if self.system else []
     return system + [{"role": "user", "content": content}]
 
+  def prompt_tokens(self, processor, image_sizes=()) -> int:
+    """Tokens of this prompt under `processor`'s chat template, its images counted from their (height, width)."""
+    return processor.count_tokens(processor.render(self.messages()), image_sizes)
+
 
 def to_wire(example: Example) -> dict[str, Any]:
   """An example as JSON values and arrays (images read into RGB arrays), to send to another host."""
@@ -54,6 +58,23 @@ class PromptSource(Protocol):
   def __len__(self) -> int: ...
 
   def __getitem__(self, index: int) -> Example: ...
+
+
+class Rows:
+  """Random access, without copying, to a data source's rows decoded by `decode(row) -> (Example, trace)`: as
+  examples (a `PromptSource`), or as (example, trace) pairs with `traces`; `index` restricts it to some rows."""
+
+  def __init__(self, source, decode: Callable[[Any], tuple[Example, str]], traces: bool = False,
+               index: Sequence[int] | None = None):
+    self.source, self.decode, self.traces = source, decode, traces
+    self.index = list(range(len(source))) if index is None else list(index)
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, i: int):
+    pair = self.decode(self.source[self.index[i]])
+    return pair if self.traces else pair[0]
 
 
 class ShuffledStream:

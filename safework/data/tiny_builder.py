@@ -16,7 +16,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from safework.data import tiny_suite
-from safework.data.example import Example
+from safework.data.example import Example, Rows
 from safework.data.user_builders import decode
 
 
@@ -66,26 +66,6 @@ def example_of(row: dict) -> tuple[Example, str]:
                   answer=row["answer"] or None, meta=json.loads(row["meta"])), row["trace"])
 
 
-class SuiteSource:
-  """Random access (no copy) to one split's examples (a `PromptSource`), or its (example, trace) pairs, optionally
-  restricted to some labels."""
-
-  def __init__(self, source, labels: Sequence[str] = (), traces: bool = False):
-    self.source, self.traces = source, traces
-    self.index = list(range(len(source)))
-    if labels:
-      self.index = [i for i in self.index if decode(source[i])["label"] in labels]
-      if not self.index:
-        raise ValueError(f"no rows with labels {list(labels)}")
-
-  def __len__(self) -> int:
-    return len(self.index)
-
-  def __getitem__(self, i: int):
-    pair = example_of(self.source[self.index[i]])
-    return pair if self.traces else pair[0]
-
-
 class SuiteData:
   """The tiny suite as a stage's data (`safework.stages.StageData`)."""
   reward = None
@@ -96,11 +76,12 @@ class SuiteData:
   def corpus(self) -> Sequence[str]:
     return tiny_suite.corpus(self.seed)
 
-  def prompts(self, labels: Sequence[str], processor, max_length: int) -> SuiteSource:
+  def prompts(self, labels: Sequence[str], processor, max_length: int) -> Rows:
     from safework.stages import check_labels_present
-    counts = collections.Counter(decode(row)["label"] for row in self.sources["train"])
-    check_labels_present(labels, counts, "the tiny suite's train split")
-    return SuiteSource(self.sources["train"], labels)
+    train = self.sources["train"]
+    row_labels = [decode(row)["label"] for row in train]   # one pass: the counts and the stage's rows
+    check_labels_present(labels, collections.Counter(row_labels), "the tiny suite's train split")
+    return Rows(train, example_of, index=[i for i, label in enumerate(row_labels) if not labels or label in labels])
 
-  def traces(self, processor, max_length: int) -> SuiteSource:
-    return SuiteSource(self.sources["sft"], traces=True)
+  def traces(self, processor, max_length: int) -> Rows:
+    return Rows(self.sources["sft"], example_of, traces=True)

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -123,7 +123,7 @@ def prepare(builder_cls, data_dir: str | Path, manual_dir: str | Path, config: t
   return builder
 
 
-def check_prompts(manual_dir: str | Path, split: str, count_tokens: Callable[[Example, list], int], max_length: int,
+def check_prompts(manual_dir: str | Path, split: str, processor, max_length: int,
                   known_labels: Sequence[str] | None = None, need_response: bool = False) -> dict[str, int]:
   """Checks a split's raw rows before anything is built or loaded: known labels, prompt lengths (images counted
   from their headers), readable images, a trace where SFT needs one. Returns the row count per label."""
@@ -141,7 +141,7 @@ def check_prompts(manual_dir: str | Path, split: str, count_tokens: Callable[[Ex
       raise DataError(f"{path}:{line}: SFT rows need a 'response' (the trace <think> ... </think> answer)")
     sizes = [image_size(path, line, resolve_image(path, line, path.parent, name)) for name in row["images"]]
     example = Example(question=row["prompt"], images=tuple(row["images"]), label=label)
-    tokens = count_tokens(example, sizes)
+    tokens = example.prompt_tokens(processor, sizes)
     if tokens > max_length:
       raise DataError(f"{path}:{line}: the prompt has {tokens} tokens (images expanded), more than the "
                       f"{max_length} allowed; shorten it, lower max_pixels, or raise the limit")
@@ -159,17 +159,3 @@ def user_example(row: dict[str, Any]) -> tuple[Example, str]:
   row = decode(row)
   return (Example(question=row["prompt"], images=tuple(row["images"]), label=row["label"] or "normal",
                   answer=row["reference"] or None, meta=json.loads(row["meta"] or "{}")), row["response"])
-
-
-class UserRows:
-  """Random access to a `UserPrompts` split: examples (`PromptSource`) or (example, trace) pairs (`traces`)."""
-
-  def __init__(self, source, traces: bool = False):
-    self.source, self.traces = source, traces
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, index: int):
-    example, trace = user_example(self.source[index])
-    return (example, trace) if self.traces else example

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safework.models.inputs import PreparedInputs
+from safework.models.inputs import PreparedInputs, prepare_inputs
 from safework.models.qwen2_5_vl import Qwen25VL
 from safework.models.vision_layout import VisionLayout
+from safework.sampling.prompts import PromptBatch
 
 
 @flax.struct.dataclass
@@ -118,3 +119,18 @@ def build_sequences(prompt_ids: np.ndarray, prompt_mask: np.ndarray, prepared: P
       loss_mask=loss_mask.astype(np.float32), advantages=advantages.astype(np.float32),
       old_logp=sampler_logp.astype(np.float32), ref_logp=zeros, sampler_logp=sampler_logp.astype(np.float32),
       behaviour_weight=np.ones(responses.shape, np.float32))
+
+
+def prompt_sequences(prompts: PromptBatch, model_config, responses: np.ndarray, response_lengths: np.ndarray,
+                     sampler_logp: np.ndarray, advantages: np.ndarray, loss_mask: np.ndarray | None = None
+                     ) -> tuple[SequenceBatch, VisionInputs]:
+  """`build_sequences` for a prompt batch, with its host-side positions and vision layout computed here."""
+  p = prompts
+  prepared = prepare_inputs(model_config, p.input_ids, p.attention_mask, p.image_grid_thw, p.video_grid_thw,
+                            p.second_per_grid_ts, p.pixel_values, p.pixel_values_videos, p.padding_images)
+  index = prompt_feature_index(p.input_ids, model_config.image_token_id, model_config.video_token_id)
+  batch = build_sequences(p.input_ids, p.attention_mask, prepared, index, responses, response_lengths, sampler_logp,
+                          advantages, loss_mask)
+  vision = VisionInputs(pixel_values=p.pixel_values, image_layout=prepared.image_layout,
+                        pixel_values_videos=p.pixel_values_videos, video_layout=prepared.video_layout)
+  return batch, vision

@@ -16,20 +16,20 @@ N = max_new_tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 
 from safework import distributed
 from safework.data.example import Example
-from safework.models.inputs import prepare_inputs
 from safework.processing import Processor
 from safework.rewards.base import RewardFunction, Rewards
 from safework.rl import advantages as adv
 from safework.rl import losses
-from safework.rl.batch import SequenceBatch, VisionInputs, build_sequences, prompt_feature_index
-from safework.sampling import Sampler, SamplingSettings, bucket_length
+from safework.rl.batch import SequenceBatch, VisionInputs, prompt_sequences
+from safework.sampling import Sampler, SamplingSettings
+from safework.sampling.prompts import PromptBatch
 from safework.sampling.text import decode_rows, stop_sequences
 
 OVERLONG = ("none", "mask", "soft")
@@ -106,41 +106,6 @@ class RolloutSettings:
       kwargs = dict(lam=self.length_lambda, alpha=self.length_alpha, beta=self.length_beta, scale=self.length_scale)
     return adv.compute_advantages(self.advantage, rewards.reshape(shape), lengths.reshape(shape),
                                   **kwargs).reshape(-1)
-
-
-_PROMPT_FIELDS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-
-
-@dataclasses.dataclass
-class PromptBatch:
-  """The processor's arrays of P prompts, left-padded to the sampler's bucket length."""
-  input_ids: np.ndarray                         # [P, Lp]
-  attention_mask: np.ndarray                    # [P, Lp]
-  pixel_values: np.ndarray | None = None        # [patches, C] of all images, prompt order
-  image_grid_thw: np.ndarray | None = None      # [images, 3]
-  pixel_values_videos: np.ndarray | None = None
-  video_grid_thw: np.ndarray | None = None
-  second_per_grid_ts: np.ndarray | None = None
-  padding_images: int = 0                       # blank images appended to fill `image_multiple`
-
-  @classmethod
-  def of(cls, examples: Sequence[Example], processor: Processor, max_length: int, image_multiple: int
-         ) -> "PromptBatch":
-    arrays = processor([processor.render(e.messages()) for e in examples], images=[i for e in examples for i in e.images],
-                       videos=[v for e in examples for v in e.videos], max_length=max_length,
-                       image_multiple=image_multiple)
-    pad = bucket_length(arrays["input_ids"].shape[1]) - arrays["input_ids"].shape[1]
-    return cls(input_ids=np.pad(arrays["input_ids"], ((0, 0), (pad, 0)),
-                                constant_values=processor.tokenizer.pad_token_id),
-               attention_mask=np.pad(arrays["attention_mask"], ((0, 0), (pad, 0))),
-               padding_images=int(arrays.get("padding_images", 0)),
-               **{k: arrays.get(k) for k in _PROMPT_FIELDS})
-
-  def arrays(self) -> dict[str, Any]:
-    """The processor's dict (what `Sampler.prefill` takes)."""
-    out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "padding_images": self.padding_images}
-    out.update({k: getattr(self, k) for k in _PROMPT_FIELDS if getattr(self, k) is not None})
-    return out
 
 
 @dataclasses.dataclass
@@ -261,7 +226,8 @@ def assemble(rounds: Sequence[_Round], settings: RolloutSettings, processor: Pro
   metrics = {**{f"reward/{k}": v for k, v in scored.means().items()},
              "groups/all_equal_fraction": float(equal_groups(rounds[0].shaped, g).mean()),
              "groups/all_equal_in_batch": float(equal_groups(rollout.rewards, g).mean()),
-             "groups/sampling_rounds": float(len(rounds)), "overlong/untrained_fraction": float(1 - rollout.trained.mean()),
+             "groups/sampling_rounds": float(len(rounds)),
+             "overlong/untrained_fraction": float(1 - rollout.trained.mean()),
              "response_length/mean": float(rollout.lengths.mean()), "response_length/max": float(rollout.lengths.max()),
              "stopped_fraction": float(rollout.done.mean())}
   if settings.overlong == "soft":
@@ -271,20 +237,14 @@ def assemble(rounds: Sequence[_Round], settings: RolloutSettings, processor: Pro
 
 def training_rows(rollout: Rollout, model_config, loss: losses.LossSettings) -> tuple[SequenceBatch, VisionInputs]:
   """Host-side training rows and vision inputs of a rollout (its advantages must be set)."""
-  p = rollout.prompts
-  prepared = prepare_inputs(model_config, p.input_ids, p.attention_mask, p.image_grid_thw, p.video_grid_thw,
-                            p.second_per_grid_ts, p.pixel_values, p.pixel_values_videos, p.padding_images)
-  index = prompt_feature_index(p.input_ids, model_config.image_token_id, model_config.video_token_id)
   advantages = rollout.advantages if rollout.advantages is not None else np.zeros(len(rollout.lengths), np.float32)
-  batch = build_sequences(p.input_ids, p.attention_mask, prepared, index, rollout.responses, rollout.lengths,
-                          rollout.policy_logp, advantages,
-                          loss_mask=np.broadcast_to(rollout.trained[:, None], rollout.responses.shape))
+  batch, vision = prompt_sequences(rollout.prompts, model_config, rollout.responses, rollout.lengths,
+                                   rollout.policy_logp, advantages,
+                                   np.broadcast_to(rollout.trained[:, None], rollout.responses.shape))
   old = rollout.old_logp if rollout.old_logp is not None else batch.old_logp
   weight = np.asarray(losses.behaviour_weights(old, rollout.behaviour_logp, loss), np.float32)
   batch = batch.replace(old_logp=old, behaviour_weight=weight,
                         ref_logp=rollout.ref_logp if rollout.ref_logp is not None else batch.ref_logp)
-  vision = VisionInputs(pixel_values=p.pixel_values, image_layout=prepared.image_layout,
-                        pixel_values_videos=p.pixel_values_videos, video_layout=prepared.video_layout)
   return batch, vision
 
 

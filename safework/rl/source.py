@@ -106,8 +106,8 @@ class RolloutSource:
         ref_features = None if vision.empty else self._features(self.ref_params, vision)
         rollout.ref_logp = host_array(self._logprobs(self.ref_params, batch, ref_features))
         if self.loss.kl_in == "reward":   # a k1 penalty on each sequence's reward
-          mask = rows.loss_mask
-          rollout.rewards = rollout.rewards - self.loss.kl_beta * ((rollout.policy_logp - rollout.ref_logp) * mask).sum(1)
+          k1 = ((rollout.policy_logp - rollout.ref_logp) * rows.loss_mask).sum(1)
+          rollout.rewards = rollout.rewards - self.loss.kl_beta * k1
           metrics["reward/with_kl_penalty"] = float(rollout.rewards.mean())
       if settings.old_logprobs == "recompute":
         features = None if vision.empty else self._features(params, vision)

@@ -18,7 +18,7 @@ from safework.rl.objectives import PolicyGradientObjective
 from safework.rl.optim import OptimSettings, make_optimizer
 from safework.rl.rollout import RolloutSettings
 from safework.rl.source import RolloutSource
-from safework.training import Trainer, TrainSettings, TrainState, abstract_of, abstract_state, new_state
+from safework.training import Trainer, TrainSettings, TrainState
 
 
 class RLTrainer:
@@ -29,7 +29,7 @@ class RLTrainer:
                train: TrainSettings, seed: int, workdir: str | Path, mesh: jax.sharding.Mesh,
                rules: sharding.Rules = sharding.DEFAULT_RULES):
     rollout, loss, train = rollout.validate(), loss.validate(), train.validate()
-    self.params, self.mesh = params, mesh
+    self.params = params
     self.total_steps = rollout.num_rollouts * rollout.steps
     self.tx = make_optimizer(optim, self.total_steps, params)
     # The step donates the policy's buffers, so the reference keeps its own copy.
@@ -49,5 +49,4 @@ class RLTrainer:
                            source=self.source, shown=("reward/total", "loss"))
 
   def run(self) -> TrainState:
-    return self.trainer.run(lambda: new_state(self.tx, self.params, self.mesh),
-                            abstract_state(self.tx, abstract_of(self.params), self.mesh))
+    return self.trainer.run(self.params)

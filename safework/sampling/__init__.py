@@ -1,6 +1,7 @@
 """On-device sampling: jitted prefill and a while-loop decode over a caller-owned KV cache."""
 
-from safework.sampling.sampler import Prefix, SampleOutput, Sampler, bucket_length
+from safework.sampling.prompts import PromptBatch
+from safework.sampling.sampler import Prefix, SampleOutput, Sampler, bucket_length, pad_left
 from safework.sampling.settings import SamplingSettings
 
-__all__ = ["Prefix", "SampleOutput", "Sampler", "SamplingSettings", "bucket_length"]
+__all__ = ["Prefix", "PromptBatch", "SampleOutput", "Sampler", "SamplingSettings", "bucket_length", "pad_left"]

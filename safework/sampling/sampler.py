@@ -77,6 +77,12 @@ def bucket_length(length: int, minimum: int = 16) -> int:
   return max(minimum, 1 << max(0, int(length) - 1).bit_length())
 
 
+def pad_left(ids: np.ndarray, mask: np.ndarray, width: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token ids [B, T] (with `pad_id`) and their mask (with 0) to [B, width]."""
+  pad = width - ids.shape[1]
+  return np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (pad, 0)))
+
+
 class Sampler:
   """Generation for one model; jitted functions are compiled per shape and settings, and reused."""
 
@@ -212,10 +218,7 @@ class Sampler:
     if mask[:, -1].min() == 0 and (mask.sum(axis=1) > 0).all():
       raise ValueError("prompts must be left-padded (the last column holds every row's last token)")
     length = bucket_length(ids.shape[1])
-    pad = length - ids.shape[1]
-    pad_id = self.model.config.pad_token_id or 0
-    ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_id)
-    mask = np.pad(mask, ((0, 0), (pad, 0)))
+    ids, mask = pad_left(ids, mask, length, self.model.config.pad_token_id or 0)
     prepared = prepare_inputs(self.model.config, ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"),
                               batch.get("second_per_grid_ts"), batch.get("pixel_values"),
                               batch.get("pixel_values_videos"), int(batch.get("padding_images", 0)))
@@ -227,8 +230,7 @@ class Sampler:
     tokens = np.asarray(tokens, np.int32)
     valid = np.ones(tokens.shape, bool) if valid is None else np.asarray(valid, bool)
     width = bucket_length(tokens.shape[1], minimum=1)
-    tokens = np.pad(tokens, ((0, 0), (width - tokens.shape[1], 0)))
-    valid = np.pad(valid, ((0, 0), (width - valid.shape[1], 0)))
+    tokens, valid = pad_left(tokens, valid, width)
     if int(prefix.write_index) + width > prefix.capacity:
       raise ValueError(f"the prefix has room for {prefix.capacity - int(prefix.write_index)} more slots, "
                        f"{width} are needed; prefill with more extra_slots")

@@ -33,7 +33,7 @@ from safework.training.checkpoints import Checkpointer
 from safework.training.guard import Guard, GuardSettings
 from safework.training.metrics import MetricsWriter, truncate_metrics
 from safework.training.preemption import Preempted, PreemptionWatch
-from safework.training.state import TrainState
+from safework.training.state import TrainState, abstract_of, abstract_state, new_state
 from safework.training.step import Objective, make_train_step
 from safework.training.workdir import WorkdirLock
 
@@ -126,23 +126,25 @@ class Trainer:
                name: str | None = None):
     self.workdir, self.mesh, self.settings = Path(workdir), mesh, settings.validate()
     self.name = name or self.workdir.name   # of the progress bar and log lines
-    self.source, self.shown = source, tuple(shown)
+    self.source, self.shown, self.tx = source, tuple(shown), tx
     self.step_fn = make_train_step(objective, tx, settings.micro_batches(source.batch_size),
                                    settings.max_update_ratio)
     self._shown_values: dict[str, float] = {}
     self._last_report = 0.0
 
-  def run(self, init_state: Callable[[], TrainState], abstract_state: TrainState) -> TrainState:
-    """Trains to `source.total_steps`, resuming from the latest checkpoint; raises `Preempted` after saving on
-    SIGTERM. `init_state` is called only when there is no checkpoint to restore."""
+  def run(self, params: Any) -> TrainState:
+    """Trains `params` (sharded on the mesh; their buffers are taken over) to `source.total_steps`, resuming from
+    the latest checkpoint; raises `Preempted` after saving on SIGTERM. The optimizer state for `params` is created
+    only when there is no checkpoint to restore."""
     settings, total = self.settings, self.source.total_steps
+    abstract = abstract_state(self.tx, abstract_of(params), self.mesh)
     with WorkdirLock(self.workdir), jax.set_mesh(self.mesh), PreemptionWatch() as watch:
       checkpointer = Checkpointer(self.workdir / "checkpoints", keep=settings.keep_checkpoints,
                                   async_save=settings.async_checkpoints)
       writer, progress = MetricsWriter(self.workdir), None
       try:
-        state = self._start(checkpointer, init_state, abstract_state)
-        shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+        state = self._start(checkpointer, lambda: new_state(self.tx, params, self.mesh), abstract)
+        shardings = jax.tree.map(lambda x: x.sharding, abstract)
         step_fn = jax.jit(self.step_fn, donate_argnums=0, out_shardings=(shardings, None))
         step, pending, guard = int(state.step), None, Guard(settings.guard)
         progress = tqdm.tqdm(total=total, initial=step, desc=self.name, dynamic_ncols=True, leave=False,
@@ -174,8 +176,9 @@ class Trainer:
           progress.close()
     return state
 
-  def _start(self, checkpointer: Checkpointer, init_state, abstract_state) -> TrainState:
-    restored = checkpointer.restore_latest(abstract_state)
+  def _start(self, checkpointer: Checkpointer, init_state: Callable[[], TrainState], abstract: TrainState
+             ) -> TrainState:
+    restored = checkpointer.restore_latest(abstract)
     if restored is None:
       truncate_metrics(self.workdir, 0)
       return init_state()

@@ -21,7 +21,7 @@ from safework.data.example import Example
 from safework.models.inputs import PreparedInputs, prepare_inputs
 from safework.models.qwen2_5_vl import Qwen25VL
 from safework.processing import Processor
-from safework.sampling import bucket_length
+from safework.sampling.sampler import bucket_length, pad_left
 from safework.verifiers import heads
 from safework.verifiers.judges import JudgeSpec
 from safework.verifiers.rules import final_answer
@@ -100,10 +100,9 @@ class ModelVerifier:
     texts, images, videos = self.render(examples, responses)
     arrays = self.processor(texts, images=images, videos=videos, max_length=self.max_length,
                             image_multiple=self.image_multiple)
-    pad = bucket_length(arrays["input_ids"].shape[1]) - arrays["input_ids"].shape[1]
-    arrays["input_ids"] = np.pad(arrays["input_ids"], ((0, 0), (pad, 0)),
-                                 constant_values=self.processor.tokenizer.pad_token_id)
-    arrays["attention_mask"] = np.pad(arrays["attention_mask"], ((0, 0), (pad, 0)))
+    arrays["input_ids"], arrays["attention_mask"] = pad_left(
+        arrays["input_ids"], arrays["attention_mask"], bucket_length(arrays["input_ids"].shape[1]),
+        self.processor.tokenizer.pad_token_id)
     return arrays
 
   def prepare(self, arrays: dict[str, np.ndarray]) -> PreparedInputs:

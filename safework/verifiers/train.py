@@ -27,8 +27,7 @@ from safework.models import from_pretrained, save_pretrained
 from safework.models.checkpoint import abstract_params
 from safework.processing import Processor
 from safework.rl.optim import OptimSettings, make_optimizer
-from safework.training import (StepBatch, StepSource, Trainer, TrainSettings, abstract_of, abstract_state,
-                               new_state, read_metrics)
+from safework.training import StepBatch, StepSource, Trainer, TrainSettings, read_metrics
 from safework.verifiers.judges import JudgeSpec
 from safework.verifiers.model_verifier import JudgePixels, ModelVerifier
 
@@ -145,8 +144,8 @@ class VerifierTrainer:
     on_mesh = lambda x: jax.device_put(x, sharding.replicated(self.mesh)) if not _on(x, self.mesh) else x
     self.trainable = jax.tree.map(on_mesh, {"backbone": verifier.params, "head": verifier.head_params or {}})
     freeze = ("backbone/visual",) if settings.train_backbone else ("backbone",)
-    optim = OptimSettings(learning_rate=settings.learning_rate, warmup_fraction=0.05, weight_decay=settings.weight_decay,
-                          freeze_prefixes=freeze)
+    optim = OptimSettings(learning_rate=settings.learning_rate, warmup_fraction=0.05,
+                          weight_decay=settings.weight_decay, freeze_prefixes=freeze)
     self.tx = make_optimizer(optim, settings.steps, self.trainable)
     logprobs = functools.partial(ModelVerifier.logprobs_fn, verifier.model, verifier.head, verifier.verdict_ids)
     self.objective = VerdictObjective(logprobs, settings.objective)
@@ -158,8 +157,7 @@ class VerifierTrainer:
     source = JudgmentSource(self.verifier, rows, self.settings, self.seed, self.mesh)
     trainer = Trainer(workdir=self.workdir, mesh=self.mesh, settings=self.train_settings, objective=self.objective,
                       tx=self.tx, source=source, name=f"judge {self.verifier.spec.name}")
-    state = trainer.run(lambda: new_state(self.tx, self.trainable, self.mesh),
-                        abstract_state(self.tx, abstract_of(self.trainable), self.mesh))
+    state = trainer.run(self.trainable)
     self.trainable = state.params
     self.verifier.params, self.verifier.head_params = state.params["backbone"], state.params["head"] or None
     return [r["loss"] for r in read_metrics(self.workdir)]
