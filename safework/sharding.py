@@ -28,6 +28,7 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("layers", None),   # the scanned decoder layers' stacking axis
     ("head_dim", None),
     ("length", None),
     ("cache_length", None),

@@ -12,7 +12,7 @@ from safework.models.qwen2_5_vl import dummy_inputs
 from safework.models.text import causal_padding_mask
 
 CFG = get_preset("tiny")
-AXES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "vision_embed", "vision_heads", "vision_mlp",
+AXES = {"layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "vision_embed", "vision_heads", "vision_mlp",
         "vision_merge", None}
 
 

@@ -181,7 +181,7 @@ def test_same_outputs_on_a_mesh(setup, hf_checkpoints):
   expected = sampler.generate(params, batch, jax.random.key(5), settings, num_samples=2)
   with jax.set_mesh(mesh):
     out = Sampler(model, mesh=mesh).generate(sharded, batch, jax.random.key(5), settings, num_samples=2)
-  assert out.prefix.caches[0].k.sharding.spec[0] == "data"
+  assert out.prefix.cache.k.sharding.spec[1] == "data"   # [layers, batch, ...]
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
   np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected.logprobs), atol=1e-5)
 

@@ -35,9 +35,9 @@ def test_parameters_are_born_sharded():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   model = Qwen25VL(get_preset("tiny"))
   params = sharding.init_sharded(lambda r: init_params(model, r), jax.random.key(0), mesh, sharding.DEFAULT_RULES)
-  q = params["decoder"]["layers_0"]["q_proj"]["kernel"]
-  assert q.sharding.spec == P("fsdp", "tensor", None)
-  assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (64, 2, 32)
+  q = params["decoder"]["layers"]["q_proj"]["kernel"]   # [layers, D, N, H], layers stacked by the scan
+  assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+  assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (4, 64, 2, 32)
   expected = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(model, jax.random.key(0)))
   jax.tree.map(np.testing.assert_array_equal, params, expected)
 

@@ -8,6 +8,7 @@ with a checkpoint (missing, unexpected or mis-shaped tensors) is collected and r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -86,11 +87,19 @@ def _flat(tree) -> dict[tuple[str, ...], Any]:
   return traverse_util.flatten_dict(nn.meta.unbox(tree))
 
 
-def _place(entry: HfTensor, reader, shape: tuple[int, ...], dtype, sharding) -> jax.Array:
-  """Our parameter, converted from the checkpoint; with a sharding, each device's part is read on its own."""
+def _place(parts: list[tuple[HfTensor, Any]], stacked: bool, shape: tuple[int, ...], dtype, sharding) -> jax.Array:
+  """Our parameter, converted from its checkpoint tensors ((entry, slice reader) per layer when `stacked`); with a
+  sharding, each device's part is read on its own (only the layers and rows it holds)."""
+  def read(box):
+    if not stacked:
+      entry, reader = parts[0]
+      return entry.read(reader, shape, box).astype(dtype)
+    box = box or (slice(None),) * len(shape)
+    layers = range(*box[0].indices(shape[0]))
+    return np.stack([parts[i][0].read(parts[i][1], shape[1:], box[1:]).astype(dtype) for i in layers])
   if sharding is None:
-    return jnp.asarray(entry.read(reader, shape).astype(dtype))
-  return jax.make_array_from_callback(shape, sharding, lambda box: entry.read(reader, shape, box).astype(dtype))
+    return jnp.asarray(read(None))
+  return jax.make_array_from_callback(shape, sharding, read)
 
 
 def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dict:
@@ -101,38 +110,43 @@ def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dic
   """
   targets = _flat(abstract_params(model))
   table = hf_tensor_map(model.config)
-  by_key = {entry.key: param for param, entry in table.items()}
+  wanted = {one.key: (param, one) for param, entry in table.items() for _, one in entry.per_layer()}
   flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
-  loaded, unexpected, mismatched = {}, [], {}
-  for file in safetensors_files(path):
-    with _open_safetensors(file) as f:
+  found, unexpected, mismatched = {}, [], {}
+  with contextlib.ExitStack() as files:
+    for file in safetensors_files(path):
+      f = files.enter_context(_open_safetensors(file))
       for raw_key in f.keys():
         key = canonical_key(raw_key)
-        if key not in by_key:
+        if key not in wanted:
           tied_copy = key == "lm_head.weight" and model.config.tie_word_embeddings
           if not (tied_copy or IGNORED_KEYS.search(key)):
             unexpected.append(raw_key)
           continue
-        param, entry = by_key[key], table[by_key[key]]
+        entry = wanted[key][1]
         shape = tuple(f.get_slice(raw_key).get_shape())
         if shape != entry.shape:
-          mismatched[param] = f"{raw_key}: checkpoint {shape}, model expects {entry.shape}"
+          mismatched[key] = f"{raw_key}: checkpoint {shape}, model expects {entry.shape}"
           continue
-        target = targets[param]
-        loaded[param] = _place(entry, f.get_slice(raw_key), target.shape, target.dtype, flat_shardings.get(param))
-  missing = [table[p].key for p in table if p not in loaded and p not in mismatched]
-  problems = []
-  if missing:
-    hint = (" (the checkpoint may tie its embeddings: check tie_word_embeddings in config.json)"
-            if missing == ["lm_head.weight"] else "")
-    problems.append(f"{len(missing)} missing tensors{hint}: {missing}")
-  if unexpected:
-    problems.append(f"{len(unexpected)} unexpected tensors (is this a Qwen2.5-VL checkpoint?): {unexpected}")
-  if mismatched:
-    problems.append(f"{len(mismatched)} tensors with the wrong shape: {list(mismatched.values())}")
-  if problems:
-    raise CheckpointError(f"checkpoint {path} does not match the model of its config.json:\n  " +
-                          "\n  ".join(problems))
+        found[key] = (entry, f.get_slice(raw_key))
+    missing = [key for key in wanted if key not in found and key not in mismatched]
+    problems = []
+    if missing:
+      hint = (" (the checkpoint may tie its embeddings: check tie_word_embeddings in config.json)"
+              if missing == ["lm_head.weight"] else "")
+      problems.append(f"{len(missing)} missing tensors{hint}: {missing}")
+    if unexpected:
+      problems.append(f"{len(unexpected)} unexpected tensors (is this a Qwen2.5-VL checkpoint?): {unexpected}")
+    if mismatched:
+      problems.append(f"{len(mismatched)} tensors with the wrong shape: {list(mismatched.values())}")
+    if problems:
+      raise CheckpointError(f"checkpoint {path} does not match the model of its config.json:\n  " +
+                            "\n  ".join(problems))
+    loaded = {}
+    for param, entry in table.items():
+      target = targets[param]
+      parts = [found[one.key] for _, one in entry.per_layer()]
+      loaded[param] = _place(parts, entry.layers > 0, target.shape, target.dtype, flat_shardings.get(param))
   return traverse_util.unflatten_dict(loaded)
 
 
@@ -156,10 +170,10 @@ def _host_array(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _plan_shards(entries: list[tuple[Any, HfTensor]], itemsize: int, max_bytes: int) -> list[list]:
+def _plan_shards(entries: list[tuple[Any, int | None, HfTensor]], itemsize: int, max_bytes: int) -> list[list]:
   shards, current, size = [], [], 0
   for item in entries:
-    nbytes = math.prod(item[1].shape) * itemsize
+    nbytes = math.prod(item[2].shape) * itemsize
     if current and size + nbytes > max_bytes:
       shards.append(current)
       current, size = [], 0
@@ -182,7 +196,7 @@ def save_pretrained(path: str | Path, model: Qwen25VL, params: dict, dtype=None,
     raise CheckpointError(f"params do not match the model: missing {sorted(set(table) - set(flat))}, "
                           f"unexpected {sorted(set(flat) - set(table))}")
   dtype = np.dtype(dtype or next(iter(flat.values())).dtype)
-  entries = list(table.items())
+  entries = [(param, layer, one) for param, entry in table.items() for layer, one in entry.per_layer()]
   shards = _plan_shards(entries, dtype.itemsize, max_shard_bytes)
   is_writer = jax.process_index() == 0
   if is_writer:
@@ -192,13 +206,15 @@ def save_pretrained(path: str | Path, model: Qwen25VL, params: dict, dtype=None,
   weight_map = {}
   for i, shard in enumerate(shards):
     name = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    tensors = {entry.key: np.ascontiguousarray(entry.to_hf(_host_array(flat[param]).astype(dtype)))
-               for param, entry in shard}
+    tensors = {}
+    for param, layer, entry in shard:   # a stacked parameter is gathered one layer at a time
+      value = _host_array(flat[param] if layer is None else flat[param][layer]).astype(dtype)
+      tensors[entry.key] = np.ascontiguousarray(entry.to_hf(value))
     if is_writer:
       save_file(tensors, str(path / name), metadata={"format": "pt"})
     weight_map.update({key: name for key in tensors})
   if is_writer and len(shards) > 1:
-    total = sum(math.prod(entry.shape) * dtype.itemsize for _, entry in entries)
+    total = sum(math.prod(entry.shape) * dtype.itemsize for _, _, entry in entries)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
   if is_writer and assets_from is not None:

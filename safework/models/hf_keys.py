@@ -1,6 +1,7 @@
 """The correspondence between our parameter tree and Hugging Face checkpoint tensors.
 
-Each of our parameters maps to one checkpoint tensor. A `Linear` weight is stored (out, in) by PyTorch; our
+Each of our parameters maps to one checkpoint tensor, or, for the scanned decoder layers (stacked along a leading
+layers axis), to one tensor per layer (`HfTensor.layers`; the key holds a `{layer}` field). A `Linear` weight is stored (out, in) by PyTorch; our
 kernels are (in..., out...) with heads split out, so conversion is a transpose plus reshapes, described by how many
 leading kernel dimensions are inputs (`num_in`). Checkpoints on disk use the legacy key layout (`model.*`,
 `visual.*`, `lm_head.*`); the post-4.52 in-memory layout (`model.language_model.*`, `model.visual.*`) is accepted
@@ -26,6 +27,13 @@ class HfTensor:
   shape: tuple[int, ...]        # shape in the checkpoint
   num_in: int | None = None     # None: same values, only reshaped; else a transposed Linear/Conv weight
                                 # whose first `num_in` kernel dimensions are inputs
+  layers: int = 0               # > 0: our parameter stacks this many layers' tensors, key.format(layer=i)
+
+  def per_layer(self) -> list[tuple[int | None, "HfTensor"]]:
+    """(layer, tensor) for each checkpoint tensor of the parameter: [(None, self)] when it is not stacked."""
+    if not self.layers:
+      return [(None, self)]
+    return [(i, dataclasses.replace(self, key=self.key.format(layer=i), layers=0)) for i in range(self.layers)]
 
   def read(self, reader, shape: tuple[int, ...], box: tuple[slice, ...] | None = None) -> np.ndarray:
     """Reads the part `box` of our parameter of `shape` from a safetensors slice `reader`, touching only the
@@ -70,12 +78,13 @@ def hf_tensor_map(cfg: ModelConfig) -> dict[ParamPath, HfTensor]:
   c, vn, vh, vf = v.hidden_size, v.num_heads, v.head_dim, v.intermediate_size
   wide = c * v.merge_unit
   out: dict[ParamPath, HfTensor] = {}
+  layer: dict[ParamPath, HfTensor] = {}   # one decoder layer; its parameters stack all layers
 
-  def mlp(prefix: ParamPath, key: str, dim: int, hidden: int, bias: bool):
+  def mlp(into: dict, prefix: ParamPath, key: str, dim: int, hidden: int, bias: bool):
     for name, shape in (("gate", (dim, hidden)), ("up", (dim, hidden)), ("down", (hidden, dim))):
-      out[prefix + (name, "kernel")] = _linear(f"{key}.{name}_proj.weight", shape, 1)
+      into[prefix + (name, "kernel")] = _linear(f"{key}.{name}_proj.weight", shape, 1)
       if bias:
-        out[prefix + (name, "bias")] = _plain(f"{key}.{name}_proj.bias", shape[-1:])
+        into[prefix + (name, "bias")] = _plain(f"{key}.{name}_proj.bias", shape[-1:])
 
   out[("visual", "patch_embed", "kernel")] = HfTensor(
       "visual.patch_embed.proj.weight", (c, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), 1)
@@ -87,7 +96,7 @@ def hf_tensor_map(cfg: ModelConfig) -> dict[ParamPath, HfTensor]:
     out[p + ("qkv", "bias")] = _plain(f"{key}.attn.qkv.bias", (3, vn, vh))
     out[p + ("proj", "kernel")] = _linear(f"{key}.attn.proj.weight", (vn, vh, c), 2)
     out[p + ("proj", "bias")] = _plain(f"{key}.attn.proj.bias", (c,))
-    mlp(p + ("mlp",), f"{key}.mlp", c, vf, bias=True)
+    mlp(out, p + ("mlp",), f"{key}.mlp", c, vf, bias=True)
   merger = ("visual", "merger")
   out[merger + ("ln_q", "scale")] = _plain("visual.merger.ln_q.weight", (c,))
   for name, index, shape in (("fc1", 0, (wide, wide)), ("fc2", 2, (wide, d))):
@@ -95,15 +104,15 @@ def hf_tensor_map(cfg: ModelConfig) -> dict[ParamPath, HfTensor]:
     out[merger + (name, "bias")] = _plain(f"visual.merger.mlp.{index}.bias", shape[-1:])
 
   out[("embed_tokens",)] = HfTensor("model.embed_tokens.weight", (t.vocab_size, d))
-  for i in range(t.num_hidden_layers):
-    p, key = ("decoder", f"layers_{i}"), f"model.layers.{i}"
-    out[p + ("input_norm", "scale")] = _plain(f"{key}.input_layernorm.weight", (d,))
-    out[p + ("post_attention_norm", "scale")] = _plain(f"{key}.post_attention_layernorm.weight", (d,))
-    for name, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
-      out[p + (name, "kernel")] = _linear(f"{key}.self_attn.{name}.weight", (d, heads, h), 1)
-      out[p + (name, "bias")] = _plain(f"{key}.self_attn.{name}.bias", (heads, h))
-    out[p + ("o_proj", "kernel")] = _linear(f"{key}.self_attn.o_proj.weight", (n, h, d), 2)
-    mlp(p + ("mlp",), f"{key}.mlp", d, f, bias=False)
+  p, key = ("decoder", "layers"), "model.layers.{layer}"
+  layer[p + ("input_norm", "scale")] = _plain(f"{key}.input_layernorm.weight", (d,))
+  layer[p + ("post_attention_norm", "scale")] = _plain(f"{key}.post_attention_layernorm.weight", (d,))
+  for name, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
+    layer[p + (name, "kernel")] = _linear(f"{key}.self_attn.{name}.weight", (d, heads, h), 1)
+    layer[p + (name, "bias")] = _plain(f"{key}.self_attn.{name}.bias", (heads, h))
+  layer[p + ("o_proj", "kernel")] = _linear(f"{key}.self_attn.o_proj.weight", (n, h, d), 2)
+  mlp(layer, p + ("mlp",), f"{key}.mlp", d, f, bias=False)
+  out.update({path: dataclasses.replace(entry, layers=t.num_hidden_layers) for path, entry in layer.items()})
   out[("decoder", "norm", "scale")] = _plain("model.norm.weight", (d,))
   if not cfg.tie_word_embeddings:
     out[("lm_head",)] = HfTensor("lm_head.weight", (t.vocab_size, d))

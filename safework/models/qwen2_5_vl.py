@@ -64,10 +64,10 @@ class Qwen25VL(nn.Module):
     return embeds
 
   def decode(self, embeds: jax.Array, positions: jax.Array, mask: jax.Array,
-             caches: tuple[KVCache, ...] | None = None,
-             write_index: jax.Array | int = 0) -> tuple[jax.Array, tuple[KVCache, ...] | None]:
-    """Final hidden states [B, T, D] (and updated caches) from embeddings, positions [3, B, T], mask [B, T, S]."""
-    return self.decoder(embeds, positions, mask, caches, write_index)
+             cache: KVCache | None = None,
+             write_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+    """Final hidden states [B, T, D] (and the updated cache) from embeddings, positions [3, B, T], mask [B, T, S]."""
+    return self.decoder(embeds, positions, mask, cache, write_index)
 
   def output_embedding(self) -> jax.Array:
     """The [V, D] matrix that maps hidden states to logits (the input embedding when tied)."""

@@ -1,10 +1,14 @@
 """The Qwen2 decoder with M-RoPE: GQA attention (q/k/v bias, no o bias), SwiGLU MLP, RMSNorm.
 
-The caller owns the KV cache: a layer takes its `KVCache` (or None) and returns the updated one. Keys are stored
-already rotated and indexed by *slot*; positions are tracked separately (an image of n tokens advances the
-M-RoPE position by only max(lh, lw)), so the slot index is never used as a position.
+The layers are one `nn.scan` over a layer stacked along a leading "layers" axis, so compile time does not grow
+with depth (80 layers at 72B); `models.hf_keys` maps the stacked parameters to Hugging Face's per-layer tensors.
 
-Axis legend: B batch, T query time, S cache slots, D hidden, N heads, K kv heads, H head dim, F MLP width.
+The caller owns the KV cache: one `KVCache` [Y, B, S, K, H] for all layers, carried through the scan; layer y
+writes its new keys into slice y in place (no per-layer copy of the cache). Keys are stored already rotated and
+indexed by *slot*; positions are tracked separately (an image of n tokens advances the M-RoPE position by only
+max(lh, lw)), so the slot index is never used as a position.
+
+Axis legend: Y layers, B batch, T query time, S cache slots, D hidden, N heads, K kv heads, H head dim, F MLP width.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from safework.models.remat import remat_module
 
 @flax.struct.dataclass
 class KVCache:
-  """One layer's keys and values, [B, S, K, H] each; slot s holds the token written at write index s."""
+  """Every layer's keys and values, [Y, B, S, K, H] each; slot s holds the token written at write index s."""
   k: jax.Array
   v: jax.Array
 
@@ -41,8 +45,10 @@ class DecoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               cache: KVCache | None = None, write_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+  def __call__(self, carry: tuple[jax.Array, KVCache | None], layer: jax.Array, cos: jax.Array, sin: jax.Array,
+               mask: jax.Array, write_index: jax.Array | int) -> tuple[tuple[jax.Array, KVCache | None], None]:
+    """Layer number `layer` on the scan's carry (hidden [B, T, D], cache); no per-layer output."""
+    x, cache = carry
     cfg, common = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     norm = lambda name: RMSNorm(d, cfg.rms_norm_eps, name=name, **common)
@@ -54,34 +60,34 @@ class DecoderLayer(nn.Module):
     values = Einsum(**kv, name="v_proj", **common)(y)
     q, keys = rope.apply_rope(q, cos, sin), rope.apply_rope(keys, cos, sin)
     if cache is not None:
-      start = (0, write_index, 0, 0)
-      cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, keys.astype(cache.k.dtype), start),
-                      v=jax.lax.dynamic_update_slice(cache.v, values.astype(cache.v.dtype), start))
-      keys, values = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
+      start = (layer, 0, write_index, 0, 0)
+      cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, keys.astype(cache.k.dtype)[None], start),
+                      v=jax.lax.dynamic_update_slice(cache.v, values.astype(cache.v.dtype)[None], start))
+      keys, values = cache.k[layer].astype(self.dtype), cache.v[layer].astype(self.dtype)
     attended = grouped_query_attention(q, keys, values, mask)
     x = x + Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **common)(attended)
     mlp = GatedMLP(d, cfg.intermediate_size, use_bias=False, name="mlp", **common)
-    return x + mlp(norm("post_attention_norm")(x)), cache
+    return (x + mlp(norm("post_attention_norm")(x)), cache), None
 
 
 class TextDecoder(nn.Module):
-  """Decoder layers and the final norm, from input embeddings to final hidden states."""
+  """Decoder layers (scanned) and the final norm, from input embeddings to final hidden states."""
   cfg: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, caches: tuple[KVCache, ...] | None = None,
-               write_index: jax.Array | int = 0) -> tuple[jax.Array, tuple[KVCache, ...] | None]:
-    """x [B, T, D], positions [3, B, T], mask [B, T, S] -> hidden [B, T, D] and the updated caches."""
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
+               write_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+    """x [B, T, D], positions [3, B, T], mask [B, T, S] -> hidden [B, T, D] and the updated cache."""
     cfg = self.cfg
     cos, sin = rope.mrope_cos_sin(positions, cfg.rope_theta, cfg.head_dim, cfg.mrope_section, self.dtype)
-    layer = remat_module(DecoderLayer, self.remat_policy)
-    new_caches = []
-    for i in range(cfg.num_hidden_layers):
-      cache = None if caches is None else caches[i]
-      x, cache = layer(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(x, cos, sin, mask, cache, write_index)
-      new_caches.append(cache)
+    layers = nn.scan(remat_module(DecoderLayer, self.remat_policy, in_scan=True), variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=cfg.num_hidden_layers,
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    (x, cache), _ = layers(cfg, self.dtype, self.param_dtype, name="layers")(
+        (x, cache), jnp.arange(cfg.num_hidden_layers), cos, sin, mask, write_index)
     x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    return x, None if caches is None else tuple(new_caches)
+    return x, cache

@@ -20,7 +20,7 @@ class OptimSettings:
   eps: float = 1e-8
   weight_decay: float = 0.01
   grad_clip: float = 1.0
-  freeze_prefixes: tuple[str, ...] = ("visual",)   # parameter paths ("visual", "decoder/layers_0", ...)
+  freeze_prefixes: tuple[str, ...] = ("visual",)   # parameter paths ("visual", "visual/merger", "decoder", ...)
 
   @property
   def vision_trainable(self) -> bool:
@@ -50,10 +50,19 @@ def check_prefixes(params, prefixes: tuple[str, ...]) -> None:
                        f"{sorted({p.split('/')[0] for p in paths})}")
 
 
+DECAYED = ("kernel", "embed_tokens", "lm_head")
+
+
+def _decays(path) -> bool:
+  last = path[-1]
+  return getattr(last, "key", getattr(last, "name", None)) in DECAYED
+
+
 def make_optimizer(settings: OptimSettings, total_steps: int, params) -> optax.GradientTransformation:
-  """Clip by global norm, then AdamW on trainable parameters (decay on matrices only); frozen ones get no update."""
+  """Clip by global norm, then AdamW on trainable parameters (decay on weight matrices and embeddings, not on norms
+  and biases, whatever their rank: scanned layers stack them); frozen ones get no update."""
   check_prefixes(params, settings.freeze_prefixes)
-  decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)
+  decay_mask = lambda tree: jax.tree_util.tree_map_with_path(lambda path, _: _decays(path), tree)
   adamw = optax.adamw(schedule(settings, total_steps), b1=settings.b1, b2=settings.b2, eps=settings.eps,
                       weight_decay=settings.weight_decay, mask=decay_mask)
   train = optax.chain(optax.clip_by_global_norm(settings.grad_clip), adamw)

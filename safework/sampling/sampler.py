@@ -27,13 +27,13 @@ from safework.models.text import KVCache, causal_padding_mask
 from safework.sampling import tokens as token_ops
 from safework.sampling.settings import SamplingSettings
 
-CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 
 
 @flax.struct.dataclass
 class Prefix:
-  """Everything needed to continue generating: caches [B, S, K, H] per layer and the per-row bookkeeping."""
-  caches: tuple[KVCache, ...]
+  """Everything needed to continue generating: the cache [Y, B, S, K, H] of every layer, per-row bookkeeping."""
+  cache: KVCache
   key_valid: jax.Array       # [B, S] bool: slots holding a real token
   write_index: jax.Array     # [] int32: next slot to write (shared by all rows)
   next_position: jax.Array   # [B] int32: M-RoPE position of each row's next token
@@ -46,7 +46,8 @@ class Prefix:
   def take(self, rows: jax.Array) -> "Prefix":
     """The prefix of the given rows (e.g. to keep the best of several candidates, or to repeat rows)."""
     pick = lambda x: jnp.take(x, rows, axis=0)
-    return self.replace(caches=jax.tree.map(pick, self.caches), key_valid=pick(self.key_valid),
+    cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=1), self.cache)   # [Y, B, ...]
+    return self.replace(cache=cache, key_valid=pick(self.key_valid),
                         next_position=pick(self.next_position), last_logits=pick(self.last_logits))
 
 
@@ -92,7 +93,8 @@ class Sampler:
     self.mesh = mesh
     self.rules = rules
     self.cache_dtype = cache_dtype or model.dtype
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=("capacity",))
+    # The jitted programs (also what `safework.plan` compiles for a slice).
+    self.jitted_prefill = jax.jit(self._prefill_fn, static_argnames=("capacity",))
     self._extend = jax.jit(self._extend_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames=("settings", "num_samples"), donate_argnames=("prefix",))
     self._decode_keep = jax.jit(self._decode_fn, static_argnames=("settings", "num_samples"))
@@ -105,8 +107,8 @@ class Sampler:
     return jax.lax.with_sharding_constraint(x, sharding.logical_sharding(x.shape, names, self.mesh, self.rules))
 
   def _constrain_prefix(self, prefix: Prefix) -> Prefix:
-    caches = tuple(KVCache(self._constrain(c.k, CACHE_AXES), self._constrain(c.v, CACHE_AXES)) for c in prefix.caches)
-    return prefix.replace(caches=caches, key_valid=self._constrain(prefix.key_valid, ("batch", None)),
+    cache = jax.tree.map(lambda x: self._constrain(x, CACHE_AXES), prefix.cache)
+    return prefix.replace(cache=cache, key_valid=self._constrain(prefix.key_valid, ("batch", None)),
                           next_position=self._constrain(prefix.next_position, ("batch",)),
                           last_logits=self._constrain(prefix.last_logits, ("batch", "vocab")))
 
@@ -117,20 +119,20 @@ class Sampler:
     n = embeds.shape[1]
     key_valid = jax.lax.dynamic_update_slice(prefix.key_valid, valid, (0, prefix.write_index))
     mask = causal_padding_mask(key_valid, prefix.write_index, n)
-    hidden, caches = self.model.apply({"params": params}, embeds, positions, mask, prefix.caches, prefix.write_index,
-                                      method=Qwen25VL.decode)
+    hidden, cache = self.model.apply({"params": params}, embeds, positions, mask, prefix.cache, prefix.write_index,
+                                     method=Qwen25VL.decode)
     logits = self.model.apply({"params": params}, hidden[:, -1:], method=Qwen25VL.logits)[:, 0].astype(jnp.float32)
     wrote = jnp.any(valid, axis=1)
     return self._constrain_prefix(Prefix(
-        caches=caches, key_valid=key_valid, write_index=prefix.write_index + n,
+        cache=cache, key_valid=key_valid, write_index=prefix.write_index + n,
         next_position=prefix.next_position + valid.sum(axis=1).astype(jnp.int32),
         last_logits=jnp.where(wrote[:, None], logits, prefix.last_logits)))
 
   def _empty_prefix(self, batch: int, capacity: int) -> Prefix:
     cfg = self.model.config.text
-    shape = (batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
     zeros = lambda: self._constrain(jnp.zeros(shape, self.cache_dtype), CACHE_AXES)
-    return Prefix(caches=tuple(KVCache(zeros(), zeros()) for _ in range(cfg.num_hidden_layers)),
+    return Prefix(cache=KVCache(zeros(), zeros()),
                   key_valid=jnp.zeros((batch, capacity), bool), write_index=jnp.zeros((), jnp.int32),
                   next_position=jnp.zeros(batch, jnp.int32), last_logits=jnp.zeros((batch, cfg.vocab_size), jnp.float32))
 
@@ -222,7 +224,7 @@ class Sampler:
     prepared = prepare_inputs(self.model.config, ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"),
                               batch.get("second_per_grid_ts"), batch.get("pixel_values"),
                               batch.get("pixel_values_videos"), int(batch.get("padding_images", 0)))
-    return self._prefill(params, ids, mask, batch.get("pixel_values"), batch.get("pixel_values_videos"), prepared,
+    return self.jitted_prefill(params, ids, mask, batch.get("pixel_values"), batch.get("pixel_values_videos"), prepared,
                          capacity=length + max_new_tokens + extra_slots)
 
   def extend(self, params, prefix: Prefix, tokens, valid=None) -> Prefix:
@@ -243,9 +245,13 @@ class Sampler:
     room = prefix.capacity - int(prefix.write_index)
     if settings.max_new_tokens > room:
       raise ValueError(f"the prefix has room for {room} new tokens, max_new_tokens={settings.max_new_tokens}")
-    # With several samples per row the cache grows, so the prefix's buffers cannot be reused anyway.
-    decode = self._decode_keep if keep_prefix or num_samples > 1 else self._decode
+    decode = self.jitted_decode(num_samples, keep_prefix)
     return decode(params, prefix, rng, settings=settings, num_samples=num_samples)
+
+  def jitted_decode(self, num_samples: int, keep_prefix: bool = False):
+    """The decode program `decode` runs: it donates the prefix unless it is kept (with several samples per row the
+    cache grows, so the prefix's buffers cannot be reused anyway)."""
+    return self._decode_keep if keep_prefix or num_samples > 1 else self._decode
 
   def generate(self, params, batch: dict[str, Any], rng: jax.Array, settings: SamplingSettings,
                num_samples: int = 1) -> SampleOutput:
