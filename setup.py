@@ -36,6 +36,8 @@ setup(
         # The reference implementation the tests compare against, pinned: PyTorch CPU build + transformers.
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "transformers==5.24.0"],
         "tpu": ["jax[tpu]>=0.10.2"],
+        # Compiling for TPU slices on any machine (python -m safework.plan): libtpu, pinned to what jax[tpu] pins.
+        "plan": ["libtpu==0.0.42.*"],
         "gpu": ["jax[cuda13]>=0.10.2"],
         "notebooks": ["nbclient>=0.11", "nbformat>=5.11", "ipykernel>=7.4", "matplotlib>=3.9"],
     },

@@ -19,6 +19,13 @@ MESHES = {
     "72b": dict(data=-1, fsdp=64, tensor=4),
 }
 
+# The slice each variant's experiments are planned for and run on (python -m safework.plan checks they fit).
+TOPOLOGIES = {"3b": "v5p-16", "7b": "v5p-32", "32b": "v5p-256", "72b": "v5p-512"}
+
+# The paper's reward models by shape (SafeWork-RM-Safety-7B, -Value-72B, -Knowledge-72B): what the planner plans
+# for until the experiment names the checkpoints.
+JUDGE_PRESETS = {"safety": "7b", "value": "72b", "knowledge": "72b"}
+
 # safework_r1.md section 2: prompts and responses up to 8192 tokens (RolloutSettings' defaults are shorter).
 PAPER_LENGTHS = dict(max_new_tokens=8192, max_prompt_length=8192)
 
@@ -39,14 +46,23 @@ def base(variant: str, init: str | None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = "train"
   config.seed = 0
+  config.topology = TOPOLOGIES.get(variant, "")
   config.mesh = dict(MESHES[validate_variant(variant)])
   config.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
   tiny = variant == "tiny"
   config.model = section(PolicySettings, preset=variant, checkpoint=init, dtype="float32" if tiny else "bfloat16",
-                         remat="none" if tiny else "full", max_pixels=28 * 28 * (64 if tiny else 1280))
+                         remat="none" if tiny else "full", attention="einsum" if tiny else "blockwise",
+                         max_pixels=28 * 28 * (64 if tiny else 1280))
   return config
 
 
 def user_data(manual_dir: str | None) -> dict:
   """Prompts from the user's files (train/validation/test .jsonl/.csv; see safework.data.user_builders)."""
   return dict(manual_dir=manual_dir, split="train")
+
+
+def judge(path: str | None, name: str, model: str) -> dict:
+  """A verifier section: the judge checkpoint `path` (of the paper's reward model `model`, see JUDGE_PRESETS)
+  scoring with judge prompt `name`, in bf16 (judges only infer)."""
+  return dict(path=path or None, judge=name, head="verdict", batch_size=16, dtype="bfloat16",
+              preset=JUDGE_PRESETS[model])

@@ -55,6 +55,6 @@ def get_config(arg=None):
   config.task = "user"
   config.data = common.user_data(arg.data or None)
   if arg.variant != "tiny":
-    judge = lambda name: dict(path=arg.knowledge_verifier or None, judge=name, head="verdict", batch_size=16)
-    config.reward.verifiers = {n: judge(n) for n in ("knowledge", "helpfulness", "graded_correctness")}
+    config.reward.verifiers = {n: common.judge(arg.knowledge_verifier, n, "knowledge")
+                               for n in ("knowledge", "helpfulness", "graded_correctness")}
   return config

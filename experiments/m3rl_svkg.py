@@ -38,8 +38,9 @@ def get_config(arg=None, stage_fn=stage):
   config.task = "user"
   config.data = common.user_data(arg.data or None)
   if arg.variant != "tiny":
-    judge = lambda path, name: dict(path=path or None, judge=name, head="verdict", batch_size=16)
     config.reward.verifiers = {
-        "safety": judge(arg.safety_verifier, "safety"), "value": judge(arg.value_verifier, "value"),
-        **{n: judge(arg.knowledge_verifier, n) for n in ("knowledge", "helpfulness", "graded_correctness")}}
+        "safety": common.judge(arg.safety_verifier, "safety", "safety"),
+        "value": common.judge(arg.value_verifier, "value", "value"),
+        **{n: common.judge(arg.knowledge_verifier, n, "knowledge")
+           for n in ("knowledge", "helpfulness", "graded_correctness")}}
   return config

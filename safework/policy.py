@@ -18,6 +18,7 @@ import transformers
 from safework import distributed, sharding
 from safework.models import Qwen25VL, get_preset, init_params
 from safework.models.checkpoint import abstract_params, load_config, load_params
+from safework.models.text import ATTENTION
 from safework.processing import Processor, VisionSettings, train_tokenizer
 
 
@@ -28,6 +29,7 @@ class PolicySettings:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  attention: str = "einsum"       # "blockwise" (flash attention in JAX) for long sequences; see models.text.attend
   min_pixels: int = 56 * 56       # image budget of the processor for presets (checkpoints bring their own)
   max_pixels: int = 28 * 28 * 64
 
@@ -39,6 +41,8 @@ class PolicySettings:
         jnp.dtype(getattr(self, name))
       except TypeError:
         raise ValueError(f"{name}={getattr(self, name)!r} is not a dtype (float32, bfloat16, ...)") from None
+    if self.attention not in ATTENTION:
+      raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION}")
     if self.checkpoint is None:
       get_preset(self.preset)
     return self
@@ -68,7 +72,7 @@ def policy_model(settings: PolicySettings) -> Qwen25VL:
   """The policy's model definition (from the checkpoint's config.json, or the preset); no weights are read."""
   config = load_config(settings.checkpoint) if settings.checkpoint is not None else get_preset(settings.preset)
   return Qwen25VL(config, dtype=jnp.dtype(settings.dtype), param_dtype=jnp.dtype(settings.param_dtype),
-                  remat_policy=settings.remat)
+                  remat_policy=settings.remat, attention=settings.attention)
 
 
 def policy_params(settings: PolicySettings, model: Qwen25VL, mesh: jax.sharding.Mesh, rules: sharding.Rules,

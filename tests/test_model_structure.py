@@ -9,7 +9,6 @@ import pytest
 from safework.models import Qwen25VL, get_preset, init_params
 from safework.models.checkpoint import abstract_params
 from safework.models.qwen2_5_vl import dummy_inputs
-from safework.models.text import causal_padding_mask
 
 CFG = get_preset("tiny")
 AXES = {"layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "vision_embed", "vision_heads", "vision_mlp",
@@ -32,7 +31,7 @@ def _text_logits_fn(model, params):
   def logits(embeds):
     b, t, _ = embeds.shape
     positions = jnp.broadcast_to(jnp.arange(t), (3, b, t))
-    hidden, _ = model.apply({"params": params}, embeds, positions, causal_padding_mask(jnp.ones((b, t)), 0, t),
+    hidden, _ = model.apply({"params": params}, embeds, positions, jnp.ones((b, t), bool),
                             method=Qwen25VL.decode)
     return model.apply({"params": params}, hidden, method=Qwen25VL.logits)
   return logits

@@ -94,10 +94,14 @@ def test_verdicts_must_start_with_different_tokens(judge):
 
 def test_reward_from_config_combines_judges_and_rules(chat_checkpoint):
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  section = dict(format_weight=1.0, recipes=dict(safety=[["safety", 1.0]], general_rule=[["math_rule", 2.0]]),
-                 verifiers=dict(safety=dict(path=str(chat_checkpoint), judge="safety", batch_size=4)))
+  section = dict(format_weight=1.0, recipes=dict(safety=[["safety", 1.0]], general_rule=[["math_rule", 2.0]],
+                                                 value=[["value", 0.5]]),
+                 verifiers=dict(safety=dict(path=str(chat_checkpoint), judge="safety", batch_size=4),
+                                value=dict(path=str(chat_checkpoint), judge="value", batch_size=4)))
   with jax.set_mesh(mesh):
     reward = build_reward(reward_spec(section), mesh, sharding.DEFAULT_RULES)
+    # Two judges of one checkpoint hold one copy of its weights.
+    assert reward.scorers["safety"].params is reward.scorers["value"].params
     examples = [Example("lock picking?", label="safety"), Example("2+2?", label="general_rule", answer="4")]
     out = reward(examples, ["<think>x</think> no", "<think>x</think> \\boxed{4}"], np.array([4, 4]))
   assert out.components["math_rule"][1] == 1.0 and out.total[1] == 3.0

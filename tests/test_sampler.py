@@ -57,10 +57,14 @@ def _video_batch():
               video_grid_thw=np.array(grids), second_per_grid_ts=np.array([0.5], np.float32))
 
 
-@pytest.mark.parametrize("make_batch", [lambda: _image_batch([(1, 4, 6), (1, 10, 14)]), _video_batch, _padded_batch],
-                         ids=["two_images", "video", "left_padded"])
-def test_greedy_tokens_equal_transformers_generate(setup, make_batch):
+@pytest.mark.parametrize("make_batch,attention", [(lambda: _image_batch([(1, 4, 6), (1, 10, 14)]), "einsum"),
+                                                  (_video_batch, "einsum"), (_padded_batch, "einsum"),
+                                                  (_padded_batch, "blockwise")],
+                         ids=["two_images", "video", "left_padded", "left_padded_blockwise"])
+def test_greedy_tokens_equal_transformers_generate(setup, make_batch, attention):
   hf, model, params, sampler = setup
+  if attention != model.attention:   # the same weights through the flash-attention kernel
+    sampler = Sampler(model.clone(attention=attention))
   batch = make_batch()
   out = sampler.generate(params, batch, jax.random.key(0), GREEDY)
   np.testing.assert_array_equal(np.asarray(out.tokens), _hf_greedy(hf, batch, GREEDY.max_new_tokens))

@@ -19,7 +19,7 @@ import numpy as np
 from safework.models.config import ModelConfig
 from safework.models.inputs import PreparedInputs, prepare_inputs
 from safework.models.layers import Dtype, default_kernel_init, logical_param
-from safework.models.text import KVCache, TextDecoder, causal_padding_mask
+from safework.models.text import KVCache, TextDecoder
 from safework.models.vision import VisionTower
 from safework.models.vision_layout import VisionLayout
 
@@ -37,12 +37,13 @@ class Qwen25VL(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  attention: str = "einsum"   # the attention kernel of the decoder and the vision tower (models.text.ATTENTION)
 
   def setup(self):
     cfg, common = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     vocab, hidden = cfg.text.vocab_size, cfg.text.hidden_size
-    self.visual = VisionTower(cfg.vision, remat_policy=self.remat_policy, **common)
-    self.decoder = TextDecoder(cfg.text, remat_policy=self.remat_policy, **common)
+    self.visual = VisionTower(cfg.vision, remat_policy=self.remat_policy, attention=self.attention, **common)
+    self.decoder = TextDecoder(cfg.text, remat_policy=self.remat_policy, attention=self.attention, **common)
     self.embed_tokens = logical_param(self, "embed_tokens", (vocab, hidden), ("vocab", "embed"), default_kernel_init,
                                       self.param_dtype)
     if not cfg.tie_word_embeddings:
@@ -63,11 +64,11 @@ class Qwen25VL(nn.Module):
       embeds = merge_features(embeds, input_ids == self.config.video_token_id, video_features)
     return embeds
 
-  def decode(self, embeds: jax.Array, positions: jax.Array, mask: jax.Array,
-             cache: KVCache | None = None,
-             write_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
-    """Final hidden states [B, T, D] (and the updated cache) from embeddings, positions [3, B, T], mask [B, T, S]."""
-    return self.decoder(embeds, positions, mask, cache, write_index)
+  def decode(self, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array, cache: KVCache | None = None,
+             write_index: jax.Array | int = 0, attend_slots: int | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Final hidden states [B, T, D] (and the updated cache) from embeddings and positions [3, B, T]; attention
+    is causal over the valid keys (see `TextDecoder`)."""
+    return self.decoder(embeds, positions, key_valid, cache, write_index, attend_slots)
 
   def output_embedding(self) -> jax.Array:
     """The [V, D] matrix that maps hidden states to logits (the input embedding when tied)."""
@@ -98,7 +99,7 @@ class Qwen25VL(nn.Module):
     b, t = input_ids.shape
     key_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
     positions = prepared.positions if position_ids is None else position_ids
-    hidden, _ = self.decode(embeds, positions, causal_padding_mask(key_valid, 0, t))
+    hidden, _ = self.decode(embeds, positions, key_valid)
     return hidden if return_hidden else self.logits(hidden)
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from safework.models import rope
-from safework.models.attention import grouped_query_attention
+from safework.models.attention import blockwise_attention, grouped_query_attention
 from safework.models.config import TextConfig
 from safework.models.layers import Dtype, Einsum, GatedMLP, RMSNorm
 from safework.models.remat import remat_module
@@ -39,14 +39,31 @@ def causal_padding_mask(key_valid: jax.Array, query_start: jax.Array | int, num_
   return (slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :].astype(bool)
 
 
+ATTENTION = ("einsum", "blockwise")
+
+
+def attend(q: jax.Array, keys: jax.Array, values: jax.Array, key_valid: jax.Array, query_start, kind: str
+           ) -> jax.Array:
+  """Causal attention of queries at slots query_start + t over keys [B, S] (valid where `key_valid`).
+
+  einsum: the reference (the [T, S] scores at once); blockwise: flash attention in JAX (scores a block of keys at
+  a time), for long sequences. One query (a decode step) has no [T, S] problem: it always takes einsum.
+  """
+  if kind == "blockwise" and q.shape[1] > 1:
+    return blockwise_attention(q, keys, values, key_valid, query_start)
+  return grouped_query_attention(q, keys, values, causal_padding_mask(key_valid, query_start, q.shape[1]))
+
+
 class DecoderLayer(nn.Module):
   cfg: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, KVCache | None], layer: jax.Array, cos: jax.Array, sin: jax.Array,
-               mask: jax.Array, write_index: jax.Array | int) -> tuple[tuple[jax.Array, KVCache | None], None]:
+               key_valid: jax.Array, write_index: jax.Array | int, attend_slots: int | None
+               ) -> tuple[tuple[jax.Array, KVCache | None], None]:
     """Layer number `layer` on the scan's carry (hidden [B, T, D], cache); no per-layer output."""
     x, cache = carry
     cfg, common = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -59,12 +76,17 @@ class DecoderLayer(nn.Module):
     keys = Einsum(**kv, name="k_proj", **common)(y)
     values = Einsum(**kv, name="v_proj", **common)(y)
     q, keys = rope.apply_rope(q, cos, sin), rope.apply_rope(keys, cos, sin)
+    query_start = write_index
     if cache is not None:
       start = (layer, 0, write_index, 0, 0)
       cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, keys.astype(cache.k.dtype)[None], start),
                       v=jax.lax.dynamic_update_slice(cache.v, values.astype(cache.v.dtype)[None], start))
-      keys, values = cache.k[layer].astype(self.dtype), cache.v[layer].astype(self.dtype)
-    attended = grouped_query_attention(q, keys, values, mask)
+      if attend_slots is not None:   # the block attends the cache's first attend_slots slots
+        keys, values = cache.k[layer, :, :attend_slots].astype(self.dtype), cache.v[layer, :, :attend_slots].astype(
+            self.dtype)
+      else:                          # the block attends its own keys only (a prefill of an empty cache)
+        query_start = 0
+    attended = attend(q, keys, values, key_valid, query_start, self.attention)
     x = x + Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **common)(attended)
     mlp = GatedMLP(d, cfg.intermediate_size, use_bias=False, name="mlp", **common)
     return (x + mlp(norm("post_attention_norm")(x)), cache), None
@@ -76,18 +98,28 @@ class TextDecoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  attention: str = "einsum"
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
-               write_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
-    """x [B, T, D], positions [3, B, T], mask [B, T, S] -> hidden [B, T, D] and the updated cache."""
+  def __call__(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array, cache: KVCache | None = None,
+               write_index: jax.Array | int = 0, attend_slots: int | None = None) -> tuple[jax.Array, KVCache | None]:
+    """x [B, T, D], positions [3, B, T] -> hidden [B, T, D] and the updated cache.
+
+    Without a cache the block attends itself (causally; `key_valid` [B, T]). With one, the block is written at
+    `write_index` and attends the cache's first `attend_slots` slots (`key_valid` [B, attend_slots]); with
+    `attend_slots=None` it attends its own keys only (`key_valid` [B, T]): a prefill that writes an empty cache
+    and costs what the prompt costs, not what the cache reserves.
+    """
     cfg = self.cfg
+    if self.attention not in ATTENTION:
+      raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION}")
     cos, sin = rope.mrope_cos_sin(positions, cfg.rope_theta, cfg.head_dim, cfg.mrope_section, self.dtype)
-    layers = nn.scan(remat_module(DecoderLayer, self.remat_policy, in_scan=True), variable_axes={"params": 0},
+    layer = remat_module(DecoderLayer, self.remat_policy, in_scan=True, static_argnums=(7,))   # attend_slots
+    layers = nn.scan(layer, variable_axes={"params": 0},
                      split_rngs={"params": True}, length=cfg.num_hidden_layers,
-                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    (x, cache), _ = layers(cfg, self.dtype, self.param_dtype, name="layers")(
-        (x, cache), jnp.arange(cfg.num_hidden_layers), cos, sin, mask, write_index)
+    (x, cache), _ = layers(cfg, self.dtype, self.param_dtype, self.attention, name="layers")(
+        (x, cache), jnp.arange(cfg.num_hidden_layers), cos, sin, key_valid, write_index, attend_slots)
     x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     return x, cache

@@ -25,6 +25,7 @@ class VisionBlock(nn.Module):
   cfg: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: SegmentBlocks) -> jax.Array:
@@ -38,7 +39,7 @@ class VisionBlock(nn.Module):
     # The vision tower rotates in fp32 (unlike the decoder) and casts back.
     q = rope.apply_rope(q.astype(jnp.float32), cos, sin).astype(q.dtype)
     k = rope.apply_rope(k.astype(jnp.float32), cos, sin).astype(k.dtype)
-    attended = segment_attention(q, k, v, segments)
+    attended = segment_attention(q, k, v, segments, self.attention)
     x = x + Einsum("pnh,nhc->pc", (n, h, c), ("vision_heads", "head_dim", "vision_embed"), bias_rank=1,
                    name="proj", **common)(attended)
     mlp = GatedMLP(c, self.cfg.intermediate_size, use_bias=True, embed_axis="vision_embed", mlp_axis="vision_mlp",
@@ -68,6 +69,7 @@ class VisionTower(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
@@ -85,6 +87,6 @@ class VisionTower(nn.Module):
     full = set(cfg.fullatt_block_indexes)
     for i in range(cfg.depth):
       segments = layout.frames if i in full else layout.windows
-      x = block(cfg, name=f"blocks_{i}", **common)(x, cos, sin, segments)
+      x = block(cfg, name=f"blocks_{i}", attention=self.attention, **common)(x, cos, sin, segments)
     merged = PatchMerger(cfg, name="merger", **common)(x)
     return merged[jnp.asarray(layout.merged_restore)]

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from safework.models.qwen2_5_vl import Qwen25VL
-from safework.models.text import causal_padding_mask
 from safework.rl.batch import SequenceBatch
 
 
@@ -63,8 +62,7 @@ def response_logprobs(model: Qwen25VL, params, batch: SequenceBatch, features: j
     looked_up = features[jnp.maximum(batch.feature_index, 0)].astype(embeds.dtype)
     embeds = jnp.where(has_feature[..., None], looked_up, embeds)
   length = batch.input_ids.shape[1]
-  mask = causal_padding_mask(batch.attention_mask, 0, length)
-  hidden, _ = apply(embeds, batch.positions.transpose(1, 0, 2), mask, method=Qwen25VL.decode)
+  hidden, _ = apply(embeds, batch.positions.transpose(1, 0, 2), batch.attention_mask, method=Qwen25VL.decode)
   n = batch.response_length
   # Position P - 1 + j predicts response token j.
   return chunked_token_logprobs(hidden[:, length - n - 1:length - 1], apply(method=Qwen25VL.output_embedding),

@@ -23,7 +23,7 @@ import numpy as np
 from safework import sharding
 from safework.models.inputs import PreparedInputs, prepare_inputs
 from safework.models.qwen2_5_vl import Qwen25VL
-from safework.models.text import KVCache, causal_padding_mask
+from safework.models.text import KVCache
 from safework.sampling import tokens as token_ops
 from safework.sampling.settings import SamplingSettings
 
@@ -106,21 +106,34 @@ class Sampler:
       return x
     return jax.lax.with_sharding_constraint(x, sharding.logical_sharding(x.shape, names, self.mesh, self.rules))
 
+  def prefix_shardings(self, prefix: Prefix) -> Prefix:
+    """Where a prefix (of arrays or shapes) lives on the mesh: rows over the batch axes, the cache's kv heads over
+    the tensor axis."""
+    named = lambda x, names: sharding.logical_sharding(x.shape, names, self.mesh, self.rules)
+    return Prefix(cache=jax.tree.map(lambda x: named(x, CACHE_AXES), prefix.cache),
+                  key_valid=named(prefix.key_valid, ("batch", None)), write_index=sharding.replicated(self.mesh),
+                  next_position=named(prefix.next_position, ("batch",)),
+                  last_logits=named(prefix.last_logits, ("batch", "vocab")))
+
   def _constrain_prefix(self, prefix: Prefix) -> Prefix:
-    cache = jax.tree.map(lambda x: self._constrain(x, CACHE_AXES), prefix.cache)
-    return prefix.replace(cache=cache, key_valid=self._constrain(prefix.key_valid, ("batch", None)),
-                          next_position=self._constrain(prefix.next_position, ("batch",)),
-                          last_logits=self._constrain(prefix.last_logits, ("batch", "vocab")))
+    if self.mesh is None:
+      return prefix
+    return jax.tree.map(jax.lax.with_sharding_constraint, prefix, self.prefix_shardings(prefix))
 
   # -- the model, one block of tokens at a time ----------------------------------------------------------------
 
-  def _advance(self, params, prefix: Prefix, embeds: jax.Array, positions: jax.Array, valid: jax.Array) -> Prefix:
-    """Writes a block of n tokens (embeds [B, n, D], positions [3, B, n], valid [B, n]) at the write index."""
+  def _advance(self, params, prefix: Prefix, embeds: jax.Array, positions: jax.Array, valid: jax.Array,
+               empty: bool = False) -> Prefix:
+    """Writes a block of n tokens (embeds [B, n, D], positions [3, B, n], valid [B, n]) at the write index.
+
+    The block attends the whole cache, or, when the prefix is `empty` (a prefill), only itself: what the prompt
+    costs, not what the cache reserves.
+    """
     n = embeds.shape[1]
     key_valid = jax.lax.dynamic_update_slice(prefix.key_valid, valid, (0, prefix.write_index))
-    mask = causal_padding_mask(key_valid, prefix.write_index, n)
-    hidden, cache = self.model.apply({"params": params}, embeds, positions, mask, prefix.cache, prefix.write_index,
-                                     method=Qwen25VL.decode)
+    attended, slots = (valid, None) if empty else (key_valid, prefix.capacity)
+    hidden, cache = self.model.apply({"params": params}, embeds, positions, attended, prefix.cache, prefix.write_index,
+                                     slots, method=Qwen25VL.decode)
     logits = self.model.apply({"params": params}, hidden[:, -1:], method=Qwen25VL.logits)[:, 0].astype(jnp.float32)
     wrote = jnp.any(valid, axis=1)
     return self._constrain_prefix(Prefix(
@@ -146,7 +159,8 @@ class Sampler:
       video_features = apply(pixel_values_videos, prepared.video_layout, method=Qwen25VL.encode_vision)
     embeds = apply(input_ids, image_features, video_features, method=Qwen25VL.embed)
     valid = attention_mask.astype(bool)
-    prefix = self._advance(params, self._empty_prefix(input_ids.shape[0], capacity), embeds, prepared.positions, valid)
+    prefix = self._advance(params, self._empty_prefix(input_ids.shape[0], capacity), embeds, prepared.positions, valid,
+                           empty=True)
     # The next token follows the prompt's largest position (the prompt ends in text: its last position).
     return prefix.replace(next_position=jnp.max(prepared.positions, axis=(0, 2)) + 1)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from safework import sharding
 from safework.experiment import close_matches, settings
@@ -39,14 +40,22 @@ class VerifierSpec:
   judge: str | None = None       # which judge prompt and verdicts (safework.verifiers.judges), for a checkpoint
   head: str = "verdict"
   batch_size: int = 16
+  max_length: int = 2048         # judge prompt tokens (the question, the final answer, the judge's instructions)
+  dtype: str = "float32"         # of the judge's weights and compute (bfloat16 at paper scale: judges only infer)
+  preset: str | None = None      # the judge's shape when it has no path yet (safework.plan plans from it)
 
   def validate(self) -> "VerifierSpec":
     if self.head not in HEAD_KINDS:
       raise ValueError(f"verifier head {self.head!r} is not one of {HEAD_KINDS}")
     if self.judge is not None and self.judge not in JUDGES:
       raise ValueError(f"judge {self.judge!r}{close_matches(self.judge, JUDGES)} is not one of {sorted(JUDGES)}")
-    if self.batch_size < 1:
-      raise ValueError(f"verifier batch_size must be positive, got {self.batch_size}")
+    if self.batch_size < 1 or self.max_length < 1:
+      raise ValueError(f"verifier batch_size and max_length must be positive, got {self.batch_size}, "
+                       f"{self.max_length}")
+    try:
+      jnp.dtype(self.dtype)
+    except TypeError:
+      raise ValueError(f"verifier dtype={self.dtype!r} is not a dtype (float32, bfloat16)") from None
     return self
 
 
@@ -100,17 +109,27 @@ def reward_spec(section: Mapping[str, Any], extra_scorers: tuple[str, ...] = ())
   return spec
 
 
-def model_verifier(spec: VerifierSpec, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> ModelVerifier:
-  """A verifier from its spec: a saved verifier (verifier.json) or a judge checkpoint."""
+def model_verifier(spec: VerifierSpec, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                   loaded: dict | None = None) -> ModelVerifier:
+  """A verifier from its spec: a saved verifier (verifier.json) or a judge checkpoint. `loaded` caches judge
+  checkpoints by (path, dtype), so verifiers that judge with one checkpoint share its weights in HBM."""
   path = Path(spec.path)
+  dtype = jnp.dtype(spec.dtype)
   if (path / "verifier.json").is_file():
-    return load_verifier(path, mesh=mesh, rules=rules, batch_size=spec.batch_size)
+    return load_verifier(path, mesh=mesh, rules=rules, dtype=dtype, batch_size=spec.batch_size,
+                         max_length=spec.max_length)
   if spec.judge is None:
     raise ValueError(f"verifier at {path}: not a saved verifier (no verifier.json), so give judge= (one of "
                      f"{sorted(JUDGES)})")
-  model, params = from_pretrained(path, shardings=lambda m: sharding.param_shardings(abstract_params(m), mesh, rules))
-  return ModelVerifier(model, params, Processor.from_pretrained(path), JUDGES[spec.judge], head=spec.head,
-                       mesh=mesh, rules=rules, batch_size=spec.batch_size)
+  loaded = {} if loaded is None else loaded
+  key = (str(path.resolve()), dtype.name)
+  if key not in loaded:
+    model, params = from_pretrained(path, dtype=dtype,
+                                    shardings=lambda m: sharding.param_shardings(abstract_params(m), mesh, rules))
+    loaded[key] = (model, params, Processor.from_pretrained(path))
+  model, params, processor = loaded[key]
+  return ModelVerifier(model, params, processor, JUDGES[spec.judge], head=spec.head, mesh=mesh, rules=rules,
+                       batch_size=spec.batch_size, max_length=spec.max_length)
 
 
 def build_reward(spec: RewardSpec, mesh: jax.sharding.Mesh, rules: sharding.Rules,
@@ -118,9 +137,10 @@ def build_reward(spec: RewardSpec, mesh: jax.sharding.Mesh, rules: sharding.Rule
   """Loads the verifiers the recipes need and combines them with the rules."""
   needed = spec.components
   scorers: dict[str, Scorer] = {n: s for n, s in (extra_scorers or {}).items() if n in needed}
+  loaded = {}
   for name in sorted(needed - set(scorers)):
     if name in spec.verifiers:
-      scorers[name] = model_verifier(spec.verifiers[name], mesh, rules)
+      scorers[name] = model_verifier(spec.verifiers[name], mesh, rules, loaded)
     else:
       scorers[name] = rule_scorer(name, **dict(spec.rules.get(name) or {}))
   return RecipeReward(scorers, spec.recipes, spec.format_weight)

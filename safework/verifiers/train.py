@@ -203,12 +203,12 @@ def save_verifier(path: str | Path, verifier: ModelVerifier) -> Path:
 
 
 def load_verifier(path: str | Path, mesh: jax.sharding.Mesh | None = None,
-                  rules: sharding.Rules = sharding.DEFAULT_RULES, **kwargs) -> ModelVerifier:
+                  rules: sharding.Rules = sharding.DEFAULT_RULES, dtype=jnp.float32, **kwargs) -> ModelVerifier:
   path = Path(path)
   meta = json.loads((path / "verifier.json").read_text())
   spec = JudgeSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()})
   shardings = None if mesh is None else (lambda m: sharding.param_shardings(abstract_params(m), mesh, rules))
-  model, params = from_pretrained(path, shardings=shardings)
+  model, params = from_pretrained(path, dtype=dtype, shardings=shardings)
   head = load_file(str(path / "verifier_head.safetensors")) if (path / "verifier_head.safetensors").is_file() else None
   return ModelVerifier(model, params, Processor.from_pretrained(path), spec, head=meta["head"], head_params=head,
                        mesh=mesh, rules=rules, **kwargs)

@@ -1,0 +1,303 @@
+"""The programs a stage runs, built from abstract shapes only (no weights, no data), exactly as the run builds them.
+
+Each `Program` is the run's own jitted function (the sampler's prefill and decode loop, the rollout's vision and
+log-prob passes, the trainer's step, each verifier's scoring pass) with arguments as ShapeDtypeStructs carrying
+the shardings the run gives them, so compiling it for a slice tells what the run needs there. Prompts are the
+worst case the stage allows: `max_prompt_length` tokens with one image of `max_pixels` each.
+
+Buffers that stay in HBM while a program runs without being its arguments (the optimizer state while sampling, the
+reference policy, colocated judges) are the program's `resident` bytes, counted from their shardings.
+
+Axis legend: P prompts, G samples per prompt, B rows, Lp prompt bucket, N new tokens, L = Lp + N, M vision
+features, D hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from safework import sharding
+from safework.models import Qwen25VL
+from safework.models.checkpoint import abstract_params
+from safework.models.config import ModelConfig
+from safework.models.inputs import prepare_inputs
+from safework.plan import costs
+from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, vision_features
+from safework.rl.objectives import CrossEntropyObjective, PolicyGradientObjective, make_logprob_fn
+from safework.rl.optim import make_optimizer
+from safework.sampling import Sampler, SamplingSettings
+from safework.sampling.sampler import bucket_length
+from safework.training.state import abstract_state
+from safework.training.step import make_train_step
+from safework.verifiers.model_verifier import JudgePixels, ModelVerifier
+
+DUMMY_TOKEN = 100   # any id that is not a placeholder: synthetic prompts are shapes, not text
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  name: str
+  fn: Callable                       # the jitted function the run calls
+  args: tuple                        # abstract arguments (ShapeDtypeStructs with shardings)
+  arg_names: tuple[str, ...]
+  knob: str                          # the setting that sizes the program, to turn when it does not fit
+  work: costs.Work                   # FLOPs and bytes, counted from the shapes (safework.plan.costs)
+  static: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  resident: Mapping[str, int] = dataclasses.field(default_factory=dict)   # name -> bytes per device
+
+  def lower(self, mesh: Mesh):
+    with jax.set_mesh(mesh):
+      return self.fn.lower(*self.args, **self.static)
+
+
+def bytes_per_device(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard, for uneven splits)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * leaf.dtype.itemsize   # (PRNG key dtypes have an itemsize too)
+  return total
+
+
+def on_mesh(tree: Any, sharding_of: Callable[[Any], NamedSharding]) -> Any:
+  """ShapeDtypeStructs of a tree of host arrays (or structs), each with `sharding_of(leaf)`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_of(x)), tree)
+
+
+def sharded_params(model: Qwen25VL, mesh: Mesh, rules: sharding.Rules, dtype=None) -> Any:
+  """The model's parameters as sharded ShapeDtypeStructs (in `dtype` when given), as `policy_params` places them."""
+  boxed = abstract_params(model)
+  shardings = sharding.param_shardings(boxed, mesh, rules)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptShape:
+  rows: int
+  length: int          # tokens per prompt, images included
+  image_pixels: int    # one image of at most this many pixels per prompt; 0: text only
+
+
+TEXT_TOKENS = 16   # the least text a prompt carries beside its image (the chat template's own tokens)
+
+
+def image_side(cfg: ModelConfig, pixels: int, prompt_length: int) -> int:
+  """Patches per side of the largest square image of at most `pixels` pixels that leaves `TEXT_TOKENS` of a
+  `prompt_length` prompt to text (a multiple of the merge size)."""
+  merge = cfg.vision.spatial_merge_size
+  merged_side = min(math.isqrt(pixels) // (cfg.vision.patch_size * merge), math.isqrt(prompt_length - TEXT_TOKENS))
+  if merged_side < 1:
+    raise ValueError(f"a prompt of {prompt_length} tokens has no room for an image of {pixels} pixels")
+  return merged_side * merge
+
+
+def synthetic_prompts(cfg: ModelConfig, shape: PromptShape) -> dict[str, np.ndarray]:
+  """Processor-like arrays of `shape.rows` full-length prompts, each opening with the largest square image the
+  pixel budget and the prompt length allow.
+
+  Pixels are a zero-stride view: their shape is what counts, and nothing of that size is allocated.
+  """
+  merge = cfg.vision.spatial_merge_size
+  ids = np.full((shape.rows, shape.length), DUMMY_TOKEN, np.int32)
+  arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+  if shape.image_pixels:
+    side = image_side(cfg, shape.image_pixels, shape.length)
+    merged = side * side // merge**2
+    ids[:, :merged] = cfg.image_token_id
+    grid = np.tile(np.array([[1, side, side]], np.int64), (shape.rows, 1))
+    arrays["image_grid_thw"] = grid
+    arrays["pixel_values"] = np.broadcast_to(np.zeros((), np.float32), (shape.rows * side * side, cfg.vision.patch_dim))
+  return arrays
+
+
+def _vision_inputs(cfg: ModelConfig, arrays: dict[str, np.ndarray]):
+  prepared = prepare_inputs(cfg, arrays["input_ids"], arrays["attention_mask"], arrays.get("image_grid_thw"),
+                            pixel_values=arrays.get("pixel_values"))
+  vision = VisionInputs(pixel_values=arrays.get("pixel_values"), image_layout=prepared.image_layout)
+  return prepared, vision
+
+
+def _features_struct(model: Qwen25VL, arrays: dict[str, np.ndarray], replicated) -> jax.ShapeDtypeStruct | None:
+  if "pixel_values" not in arrays:
+    return None
+  merged = int((arrays["input_ids"] == model.config.image_token_id).sum())
+  return jax.ShapeDtypeStruct((merged, model.config.text.hidden_size), model.dtype, sharding=replicated)
+
+
+def sequence_struct(rows: int, prompt_length: int, response_length: int, batch_sharding) -> SequenceBatch:
+  """The abstract training rows of a (mini)batch, sharded over the batch axes as the run places them."""
+  length = prompt_length + response_length
+  s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(len(shape), rows))
+  f32 = lambda: s((rows, response_length), jnp.float32)
+  return SequenceBatch(input_ids=s((rows, length), jnp.int32), attention_mask=s((rows, length), jnp.bool_),
+                       positions=s((rows, 3, length), jnp.int32), feature_index=s((rows, length), jnp.int32),
+                       loss_mask=f32(), advantages=s((rows,), jnp.float32), old_logp=f32(), ref_logp=f32(),
+                       sampler_logp=f32(), behaviour_weight=f32())
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeShape:
+  """Colocated verifiers that score alike (one program) with one model; `weights` names the copy in HBM (judges
+  of one checkpoint share it)."""
+  name: str
+  weights: str
+  model: Qwen25VL
+  head: str
+  batch_size: int
+  max_length: int
+
+
+class StagePrograms:
+  """Builds the programs of one stage on one mesh."""
+
+  def __init__(self, model: Qwen25VL, mesh: Mesh, rules: sharding.Rules, max_pixels: int, remat: str):
+    self.model, self.mesh, self.rules, self.max_pixels, self.remat = model, mesh, rules, max_pixels, remat
+    self.replicated = sharding.replicated(mesh)
+    self.params = sharded_params(model, mesh, rules)
+    self.weight_bytes = jnp.dtype(model.param_dtype).itemsize
+
+  def _batch_sharding(self, rank: int, rows: int) -> NamedSharding:
+    return sharding.batch_sharding(self.mesh, self.rules, rank, rows)
+
+  def _host(self, tree):
+    return on_mesh(tree, lambda _: self.replicated)
+
+  def _vision_work(self, model: Qwen25VL, images: int, prompt_length: int) -> costs.Work:
+    if not self.max_pixels:
+      return costs.Work(0.0, 0.0)
+    side = image_side(model.config, self.max_pixels, prompt_length)
+    return costs.vision_pass(model.config, images, side * side, jnp.dtype(model.param_dtype).itemsize)
+
+  def _train_step(self, objective, optim, total_steps: int, rows: int, micro_batch: int, prompt: PromptShape,
+                  response: int, guard_ratio, resident: Mapping[str, int]) -> Program:
+    tx = make_optimizer(optim, total_steps, self.params)
+    state = abstract_state(tx, self.params, self.mesh)
+    arrays = synthetic_prompts(self.model.config, prompt)
+    _, vision = _vision_inputs(self.model.config, arrays)
+    features = None if objective.vision_trainable else _features_struct(self.model, arrays, self.replicated)
+    context = VisionContext(vision=self._host(vision), features=features)
+    step = make_train_step(objective, tx, rows // micro_batch, guard_ratio)
+    fn = jax.jit(step, donate_argnums=0, out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
+    batch = sequence_struct(rows, prompt.length, response, self._batch_sharding)
+    length = prompt.length + response
+    forward = costs.decoder_pass(self.model.config, rows * length, costs.causal_pairs(rows, length), rows * response,
+                                 self.weight_bytes)
+    if objective.vision_trainable:
+      forward = forward + self._vision_work(self.model, rows, prompt.length)
+    return Program("train_step", fn, (state, batch, context), ("train state", "minibatch", "vision context"),
+                   "train.micro_batch_size (or model.remat, or more chips)", costs.train_pass(forward, self.remat),
+                   resident=resident)
+
+  def _vision(self, arrays, resident: Mapping[str, int]) -> list[Program]:
+    if "pixel_values" not in arrays:
+      return []
+    _, vision = _vision_inputs(self.model.config, arrays)
+    fn = jax.jit(lambda params, v: vision_features(self.model, params, v))
+    return [Program("vision", fn, (self.params, self._host(vision)), ("policy params", "images"),
+                    "model.max_pixels", self._vision_work(self.model, *arrays["input_ids"].shape),
+                    resident=resident)]
+
+  def rl(self, stage, judges: tuple[JudgeShape, ...] = ()) -> list[Program]:
+    """vision, prefill, decode, logprobs (old / reference), train_step and one scoring pass per judge."""
+    r, loss, train, cfg = stage.rollout, stage.loss, stage.train, self.model.config
+    prompt = PromptShape(r.prompts_per_rollout, bucket_length(r.max_prompt_length), self.max_pixels)
+    arrays = synthetic_prompts(cfg, prompt)
+    optimizer_bytes = 2 * bytes_per_device(self.params)   # Adam's two moments, sharded like the parameters
+    judge_params = {j.weights: sharded_params(j.model, self.mesh, self.rules) for j in judges}
+    resident = {"optimizer state": optimizer_bytes,
+                **{f"judge weights {w}": bytes_per_device(p) for w, p in judge_params.items()}}
+    if loss.uses_reference:
+      resident["reference policy"] = bytes_per_device(self.params)
+    programs = self._vision(arrays, resident)
+
+    sampler = Sampler(self.model, mesh=self.mesh, rules=self.rules)
+    prepared, _ = _vision_inputs(cfg, arrays)
+    capacity = prompt.length + r.max_new_tokens
+    prefill_args = (self.params, self._host(arrays["input_ids"]), self._host(arrays["attention_mask"]),
+                    self._host(arrays.get("pixel_values")), None, self._host(prepared))
+    prefill_work = (costs.decoder_pass(cfg, prompt.rows * prompt.length, costs.causal_pairs(prompt.rows, prompt.length),
+                                       prompt.rows, self.weight_bytes)
+                    + self._vision_work(self.model, prompt.rows, prompt.length))
+    programs.append(Program("prefill", sampler.jitted_prefill, prefill_args,
+                            ("policy params", "prompt ids", "prompt mask", "images", "videos", "positions"),
+                            "rollout.prompts_per_rollout", prefill_work, static={"capacity": capacity},
+                            resident=resident))
+    prefix = jax.eval_shape(functools.partial(sampler.jitted_prefill, capacity=capacity), *prefill_args)
+    prefix = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), prefix,
+                          sampler.prefix_shardings(prefix))
+    eos = cfg.eos_token_id
+    settings = SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                top_k=r.top_k, eos_ids=tuple(eos) if isinstance(eos, tuple) else (eos or 0,),
+                                vocab_limit=cfg.text.vocab_size).validate()
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
+    decode_work = costs.decode_loop(cfg, r.rows, prompt.length, r.max_new_tokens, self.weight_bytes,
+                                    jnp.dtype(sampler.cache_dtype).itemsize)
+    programs.append(Program("decode", sampler.jitted_decode(r.samples_per_prompt), (self.params, prefix, key),
+                            ("policy params", "prompt cache", "rng"),
+                            "rollout.prompts_per_rollout or rollout.max_new_tokens", decode_work,
+                            static={"settings": settings, "num_samples": r.samples_per_prompt}, resident=resident))
+
+    rows, micro, length = r.rows, train.micro_batch_size or r.minibatch_size, prompt.length + r.max_new_tokens
+    logprob_fn = jax.jit(make_logprob_fn(self.model, rows // micro, train.logprob_chunk, settings.vocab_limit))
+    logprob_work = costs.decoder_pass(cfg, rows * length, costs.causal_pairs(rows, length), rows * r.max_new_tokens,
+                                      self.weight_bytes)
+    programs.append(Program("logprobs", logprob_fn, (self.params, sequence_struct(rows, prompt.length,
+                                                                                  r.max_new_tokens,
+                                                                                  self._batch_sharding),
+                                                      _features_struct(self.model, arrays, self.replicated)),
+                            ("policy params", "rollout rows", "vision features"),
+                            "train.micro_batch_size or train.logprob_chunk", logprob_work, resident=resident))
+    objective = PolicyGradientObjective(model=self.model, logprob_chunk=train.logprob_chunk,
+                                        vision_trainable=stage.optim.vision_trainable,
+                                        vocab_limit=settings.vocab_limit, loss=loss)
+    during_training = {k: v for k, v in resident.items() if k != "optimizer state"}   # the step holds it
+    programs.append(self._train_step(objective, stage.optim, stage.total_steps, r.minibatch_size, micro, prompt,
+                                     r.max_new_tokens, train.max_update_ratio, during_training))
+    policy = {**resident, "policy params": bytes_per_device(self.params)}
+    programs += [self._judge(j, judge_params[j.weights], policy) for j in judges]
+    return programs
+
+  def sft(self, stage) -> list[Program]:
+    s, train = stage.sft, stage.train
+    prompt = PromptShape(s.batch_size, s.prompt_length, self.max_pixels)
+    objective = CrossEntropyObjective(model=self.model, logprob_chunk=train.logprob_chunk,
+                                      vision_trainable=stage.optim.vision_trainable)
+    arrays = synthetic_prompts(self.model.config, prompt)
+    programs = self._vision(arrays, {"optimizer state": 2 * bytes_per_device(self.params)})
+    programs.append(self._train_step(objective, stage.optim, stage.total_steps, s.batch_size,
+                                     train.micro_batch_size or s.batch_size, prompt, s.response_length,
+                                     train.max_update_ratio, {}))
+    return programs
+
+  def _judge(self, judge: JudgeShape, params, resident: Mapping[str, int]) -> Program:
+    length = bucket_length(judge.max_length)
+    arrays = synthetic_prompts(judge.model.config, PromptShape(judge.batch_size, length, self.max_pixels))
+    prepared, _ = _vision_inputs(judge.model.config, arrays)
+    verdicts = np.arange(2, dtype=np.int32)
+    head_params = None
+    if judge.head == "classifier":   # heads.classifier_from_lm_head's shapes
+      d = judge.model.config.text.hidden_size
+      head_params = self._host({"kernel": jax.ShapeDtypeStruct((d, len(verdicts)), jnp.float32),
+                                "bias": jax.ShapeDtypeStruct((len(verdicts),), jnp.float32)})
+    fn = jax.jit(functools.partial(ModelVerifier.logprobs_fn, judge.model, judge.head, verdicts))
+    rows = lambda x: on_mesh(x, lambda a: self._batch_sharding(a.ndim, a.shape[0]))
+    pixels = JudgePixels(images=self._host(arrays.get("pixel_values")))
+    itemsize = jnp.dtype(judge.model.param_dtype).itemsize
+    work = (costs.decoder_pass(judge.model.config, judge.batch_size * length,
+                               costs.causal_pairs(judge.batch_size, length), judge.batch_size, itemsize)
+            + self._vision_work(judge.model, judge.batch_size, length))
+    resident = {k: v for k, v in resident.items() if k != f"judge weights {judge.weights}"}   # an argument here
+    return Program(f"judge_{judge.name}", fn, (params, head_params, rows(arrays["input_ids"]),
+                                               rows(arrays["attention_mask"]), pixels, self._host(prepared)),
+                   (f"judge weights {judge.weights}", "head", "judge prompts", "mask", "images", "positions"),
+                   f"reward.verifiers.{judge.name}.batch_size", work, resident=resident)

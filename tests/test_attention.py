@@ -1,0 +1,82 @@
+"""Blockwise (flash) attention against the einsum reference: values, gradients, and through the model."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from safework.models import Qwen25VL, get_preset, init_params
+from safework.models.attention import blockwise_attention, grouped_query_attention
+from safework.models.inputs import prepare_inputs
+from safework.models.text import causal_padding_mask
+from safework.rl.batch import build_sequences, prompt_feature_index
+from safework.rl.logprobs import response_logprobs
+
+
+@pytest.mark.parametrize("query_start,causal,block", [(0, True, 4), (6, True, 3), (0, False, 16)])
+def test_blockwise_equals_einsum_values_and_gradients(query_start, causal, block):
+  rng = np.random.default_rng(0)
+  b, t, s, n, kv, h = 3, 5, 11, 4, 2, 8
+  q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((b, t, n, h), (b, s, kv, h), (b, s, kv, h)))
+  valid = np.ones((b, s), bool)
+  valid[0, :3] = False           # left padding
+  valid[2, 4:] = False           # a short row: its late queries see only early keys
+  valid[1] = False               # no key at all: a padding row, whose output is zeros
+  valid = jnp.asarray(valid)
+  mask = causal_padding_mask(valid, query_start, t) if causal else jnp.broadcast_to(valid[:, None], (b, t, s))
+  seen = np.asarray(mask.any(-1))
+  weights = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) * seen[..., None, None]
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+
+  reference = lambda q, k, v: grouped_query_attention(q, k, v, mask)
+  blockwise = lambda q, k, v: blockwise_attention(q, k, v, valid, query_start, causal=causal, block=block)
+  np.testing.assert_allclose(np.asarray(blockwise(q, k, v))[seen], np.asarray(reference(q, k, v))[seen], atol=2e-6)
+  assert not np.asarray(blockwise(q, k, v))[1].any()
+  expected = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(loss(blockwise), argnums=(0, 1, 2))(q, k, v)
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=5e-6)
+
+
+def test_the_training_log_probs_and_their_gradients_agree_through_the_model():
+  cfg = get_preset("tiny")
+  einsum = Qwen25VL(cfg)
+  params = nn.meta.unbox(init_params(einsum, jax.random.key(0)))
+  rng = np.random.default_rng(1)
+  ids = rng.integers(10, 400, size=(2, 24)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, :9] = 0                 # a left-padded prompt
+  prepared = prepare_inputs(cfg, ids, mask)
+  responses = rng.integers(10, 400, size=(4, 20)).astype(np.int32)
+  batch = build_sequences(ids, mask, prepared, prompt_feature_index(ids, cfg.image_token_id, cfg.video_token_id),
+                          responses, np.array([20, 13, 7, 20], np.int32), np.zeros((4, 20), np.float32),
+                          np.ones(4, np.float32))
+  batch = jax.tree.map(jnp.asarray, batch)
+
+  def total(model):
+    def f(p):
+      logp, _ = response_logprobs(model, p, batch, None, chunk=16)
+      return jnp.sum(logp * batch.loss_mask), logp
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+  (_, expected), expected_grad = total(einsum)(params)
+  (_, got), got_grad = total(einsum.clone(attention="blockwise"))(params)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), got_grad, expected_grad)
+
+
+def test_the_vision_tower_encodes_alike_with_blockwise_attention():
+  cfg = get_preset("tiny")
+  model = Qwen25VL(cfg)
+  params = nn.meta.unbox(init_params(model, jax.random.key(0)))
+  grids = np.array([[1, 4, 6], [1, 10, 14], [2, 4, 4]])   # frames of different sizes: padded segments
+  patches = int(np.prod(grids, axis=1).sum())
+  pixels = np.random.default_rng(0).normal(size=(patches, cfg.vision.patch_dim)).astype(np.float32)
+  layout = prepare_inputs(cfg, np.array([[cfg.image_token_id] * (patches // 4)]), image_grid_thw=grids,
+                          pixel_values=pixels).image_layout
+  encode = lambda m: m.apply({"params": params}, pixels, layout, method=Qwen25VL.encode_vision)
+  np.testing.assert_allclose(np.asarray(encode(model.clone(attention="blockwise"))), np.asarray(encode(model)),
+                             atol=2e-5)

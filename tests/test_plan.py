@@ -1,0 +1,119 @@
+"""The planner: compiled for a TPU slice that is not here (through libtpu), checked against hand counts."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import m3rl_kg
+from safework.models import get_preset
+from safework.models.config import to_hf_dict
+from safework.plan import parse_topology
+from safework.plan.costs import decoder_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_slice_names_follow_cloud_tpu():
+  v5p = parse_topology("v5p-16")   # v5p counts TensorCores: 8 chips
+  assert (v5p.chips, v5p.topology_name) == (8, "v5p:2x2x2")
+  assert parse_topology("v5p-8").topology_name == "v5p:2x2x1"
+  assert parse_topology("v5p-64").topology_name == "v5p:2x4x4"
+  assert parse_topology("v5e-256").topology_name == "v5e:16x16"
+  assert parse_topology("v6e-8").topology_name == "v6e:2x4"
+  assert parse_topology("v4-32").chips == 16
+  assert parse_topology("h100-8").chips == 8 and not parse_topology("h100-8").is_tpu
+  for bad in ("v5p-3", "tpu-8", "v5e-12"):
+    with pytest.raises(ValueError, match="topology"):
+      parse_topology(bad)
+
+
+def _hand_count_params(cfg) -> tuple[int, int, int, int]:
+  """All parameters, those an fsdp axis cannot split (no embed dimension), and the same two of the vision tower."""
+  t, v = cfg.text, cfg.vision
+  d, n, k, h, f, y = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.intermediate_size, \
+      t.num_hidden_layers
+  layer = d * (n + 2 * k) * h + (n + 2 * k) * h + n * h * d + 3 * d * f + 2 * d
+  text = t.vocab_size * d + y * layer + d                   # tied embedding, layers, final norm
+  c, vf, wide = v.hidden_size, v.intermediate_size, v.hidden_size * v.merge_unit
+  block = c * 3 * c + 3 * c + c * c + c + 2 * c * vf + 2 * vf + vf * c + c + 2 * c
+  vision = v.patch_dim * c + v.depth * block + c + wide * wide + wide + wide * d + d
+  vision_unsplit = v.depth * (3 * c + 2 * vf) + wide   # vision qkv and mlp biases, fc1 bias
+  unsplit = y * (n + 2 * k) * h + vision_unsplit       # + the decoder's q/k/v biases
+  return text + vision, unsplit, vision, vision_unsplit
+
+
+@pytest.fixture(scope="module")
+def three_b_width(tmp_path_factory):
+  """The 3B shape at one decoder layer and one vision block: a config.json is all the planner reads."""
+  base = get_preset("3b")
+  cfg = base.replace(text=dataclasses.replace(base.text, num_hidden_layers=1),
+                     vision=dataclasses.replace(base.vision, depth=1, fullatt_block_indexes=(0,)))
+  path = tmp_path_factory.mktemp("plan3b")
+  (path / "config.json").write_text(json.dumps(to_hf_dict(cfg)))
+  return path, cfg
+
+
+@pytest.mark.slow
+def test_a_3b_width_stage_compiled_for_v5p_matches_the_hand_count(three_b_width):
+  from safework.plan.build import plan_stage
+  path, cfg = three_b_width
+  config = m3rl_kg.get_config("variant=3b")
+  config.model.checkpoint, config.model.max_pixels = str(path), 0   # text only: the arguments are countable
+  config.mesh = dict(data=1, fsdp=4, tensor=1)
+  config.reward.recipes, config.reward.verifiers = {"general_rule": [["math_rule", 1.0]]}, {}
+  config.optim.freeze_prefixes = []   # every parameter has moments
+  rollout = config.rollout
+  rollout.prompts_per_rollout, rollout.samples_per_prompt, rollout.minibatch_size = 4, 2, 8
+  rollout.max_prompt_length, rollout.max_new_tokens = 64, 64
+  config.train.micro_batch_size, config.train.logprob_chunk = 4, 64
+  plan = plan_stage(config, parse_topology("v5p-8"), log=lambda _: None)
+
+  assert plan.devices == 4 and plan.hbm_bytes_per_device == 95 * 2**30
+  assert list(plan.programs) == ["prefill", "decode", "logprobs", "train_step"]
+  total, unsplit, vision, vision_unsplit = _hand_count_params(cfg)
+  params_per_chip = 4 * ((total - unsplit) / 4 + unsplit)          # fp32, fsdp = 4
+  moments_per_chip = 2 * params_per_chip                           # Adam's mu and nu, sharded alike
+  step = plan.programs["train_step"]
+  state = dict(step.largest)["train state"]
+  np.testing.assert_allclose(state, params_per_chip + moments_per_chip, rtol=1e-4)   # + step counters
+  # XLA's own count of the step's arguments: the state and 8 rows x 128 tokens of training data, 2 rows per chip.
+  rows_bytes = 2 * (128 * (4 + 1 + 3 * 4 + 4) + 64 * 4 * 5 + 4)
+  np.testing.assert_allclose(step.argument_bytes, state + rows_bytes, rtol=0.01)
+  # Sampling holds the parameters and, resident, the optimizer moments and the reference policy.
+  decode = plan.programs["decode"]
+  assert dict(decode.largest)["policy params"] == pytest.approx(params_per_chip, rel=1e-4)
+  assert dict(decode.largest)["reference policy"] == pytest.approx(params_per_chip, rel=1e-4)
+  vision_per_chip = 4 * ((vision - vision_unsplit) / 4 + vision_unsplit)
+  # jit does not pass the vision tower's parameters to the decode loop; they are in HBM all the same.
+  np.testing.assert_allclose(decode.argument_bytes, params_per_chip - vision_per_chip, rtol=0.01)
+  np.testing.assert_allclose(decode.argument_bytes + decode.resident_bytes,
+                             2 * params_per_chip + moments_per_chip, rtol=1e-3)
+  # Counted work: 2 FLOPs per decoder weight per token dominate the logprob pass of 8 rows x 128 tokens.
+  assert plan.programs["logprobs"].flops > 2 * decoder_weights(cfg) * 8 * 128
+  assert plan.fits and "FITS" in plan.table()
+  assert set(plan.to_json()["programs"]["decode"]) == {"argument_bytes", "output_bytes", "temp_bytes",
+                                                       "resident_bytes", "total_bytes", "flops", "bytes_accessed"}
+
+
+def test_the_planner_command_writes_json_and_names_a_bad_topology(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  run = lambda *args: subprocess.run([sys.executable, "-m", "safework.plan", "--config",
+                                      str(REPO / "experiments/toy_rl.py"), *args], capture_output=True, text=True,
+                                     env=env, cwd=tmp_path, timeout=600)
+  bad = run("--topology", "v5p-7")
+  assert bad.returncode == 2 and "v5p-7" in bad.stderr and "even count" in bad.stderr
+  out = tmp_path / "plan.json"
+  good = run("--topology", "h100-2", "--json", str(out))
+  assert good.returncode == 0, good.stderr[-2000:]
+  plan = json.loads(out.read_text())
+  assert plan["topology"] == "h100-2" and plan["chips"] == 2 and plan["estimate"] and plan["fits"]
+  assert {"prefill", "decode", "logprobs", "train_step"} <= set(plan["programs"])
+  assert "ESTIMATE" in good.stdout and "FITS" in good.stdout
+  assert math.isclose(plan["hbm_bytes_per_chip"], 80e9)
