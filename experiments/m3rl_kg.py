@@ -40,7 +40,7 @@ def stage(variant: str, runlocal: bool = False) -> ml_collections.ConfigDict:
     return s
   s = ml_collections.ConfigDict()
   s.kind = "rl"
-  s.rollout = section(RolloutSettings, num_rollouts=100, **common.PAPER_LENGTHS)
+  s.rollout = section(RolloutSettings, num_rollouts=100, **common.PAPER_ROLLOUT)
   s.loss = section(LossSettings, policy_loss="ppo", eps_high=0.28)
   s.optim = section(OptimSettings)
   s.train = common.paper_train()

@@ -73,6 +73,15 @@ def rules_of(entries: Sequence[Sequence[Any]]) -> Rules:
   return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in entries)
 
 
+def without_axis(rules: Rules, axis: str) -> Rules:
+  """The rules with mesh axis `axis` removed (what it split is replicated over it): e.g. a decoding copy of the
+  weights replicated over fsdp, so decode steps gather no weights."""
+  def drop(mesh_axes):
+    kept = tuple(a for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()) if a != axis)
+    return kept[0] if len(kept) == 1 else (kept or None)
+  return tuple((logical, drop(mesh_axes)) for logical, mesh_axes in rules)
+
+
 def _mesh_axes_for(rules: Rules) -> dict[str, tuple[str, ...]]:
   table = {}
   for logical, mesh_axes in rules:

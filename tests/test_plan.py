@@ -86,15 +86,17 @@ def test_a_3b_width_stage_compiled_for_v5p_matches_the_hand_count(three_b_width)
   # XLA's own count of the step's arguments: the state and 8 rows x 128 tokens of training data, 2 rows per chip.
   rows_bytes = 2 * (128 * (4 + 1 + 3 * 4 + 4) + 64 * 4 * 5 + 4)
   np.testing.assert_allclose(step.argument_bytes, state + rows_bytes, rtol=0.01)
-  # Sampling holds the parameters and, resident, the optimizer moments and the reference policy.
+  # The paper's rollout decodes from a bf16 copy; resident beside it: the fp32 masters, their moments and the
+  # reference policy (bf16 too).
   decode = plan.programs["decode"]
-  assert dict(decode.largest)["policy params"] == pytest.approx(params_per_chip, rel=1e-4)
-  assert dict(decode.largest)["reference policy"] == pytest.approx(params_per_chip, rel=1e-4)
+  assert dict(decode.largest)["sampling params"] == pytest.approx(params_per_chip / 2, rel=1e-4)
+  assert dict(decode.largest)["reference policy"] == pytest.approx(params_per_chip / 2, rel=1e-4)
+  assert dict(decode.largest)["policy params (masters)"] == pytest.approx(params_per_chip, rel=1e-4)
   vision_per_chip = 4 * ((vision - vision_unsplit) / 4 + vision_unsplit)
   # jit does not pass the vision tower's parameters to the decode loop; they are in HBM all the same.
-  np.testing.assert_allclose(decode.argument_bytes, params_per_chip - vision_per_chip, rtol=0.01)
+  np.testing.assert_allclose(decode.argument_bytes, (params_per_chip - vision_per_chip) / 2, rtol=0.01)
   np.testing.assert_allclose(decode.argument_bytes + decode.resident_bytes,
-                             2 * params_per_chip + moments_per_chip, rtol=1e-3)
+                             params_per_chip / 2 + params_per_chip + moments_per_chip + params_per_chip / 2, rtol=1e-3)
   # Counted work: 2 FLOPs per decoder weight per token dominate the logprob pass of 8 rows x 128 tokens.
   assert plan.programs["logprobs"].flops > 2 * decoder_weights(cfg) * 8 * 128
   assert plan.fits and "FITS" in plan.table()
@@ -117,3 +119,23 @@ def test_the_planner_command_writes_json_and_names_a_bad_topology(tmp_path):
   assert {"prefill", "decode", "logprobs", "train_step"} <= set(plan["programs"])
   assert "ESTIMATE" in good.stdout and "FITS" in good.stdout
   assert math.isclose(plan["hbm_bytes_per_chip"], 80e9)
+
+
+def test_a_program_that_does_not_fit_is_named_with_its_largest_buffers_and_knob():
+  from safework.plan.build import out_of_memory_temporaries
+  from safework.plan.report import Plan, ProgramCost
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (285.17G) "
+             "exceeds available HBM (95.74G).")
+  assert out_of_memory_temporaries(message) == int(285.17 * 2**30)
+  assert out_of_memory_temporaries("INVALID_ARGUMENT: something else") is None
+  gb = 10**9
+  cost = lambda temp: ProgramCost(argument_bytes=2 * gb, output_bytes=0, temp_bytes=temp, alias_bytes=0,
+                                  resident_bytes=gb, flops=1e12, bytes_accessed=1e9,
+                                  largest=(("prompt cache", 2 * gb), ("optimizer state", gb)))
+  plan = Plan(stage="s", topology=parse_topology("v5p-8"), hbm_bytes_per_device=95 * 2**30, devices=4,
+              mesh={"fsdp": 4}, programs={"prefill": cost(gb), "decode": cost(300 * gb)}, estimate=False,
+              knobs={"decode": "rollout.generation_prompts"})
+  assert not plan.fits and plan.fits_program(plan.programs["prefill"])
+  verdict = plan.verdict()
+  assert verdict.startswith("DOES NOT FIT: decode needs 303.00 GB") and "prefill" not in verdict
+  assert "prompt cache 2.00 GB" in verdict and "turn rollout.generation_prompts" in verdict

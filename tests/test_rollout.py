@@ -3,17 +3,20 @@ and the behaviour-policy correction of the importance ratio."""
 
 import dataclasses
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
 from experiments import toy_rl
 from safework.data.example import Example
+from safework.models import Qwen25VL, get_preset, init_params
 from safework.processing import Processor
 from safework.rewards.base import Rewards
 from safework.rl import losses
 from safework.rl.rollout import (Rollout, RolloutSettings, _Round, assemble, behaviour_ratio_stats,
-                                 overlong_shaping)
-from safework.sampling import PromptBatch
+                                 overlong_shaping, sample_round)
+from safework.sampling import PromptBatch, Sampler, SamplingSettings
 from safework.stages import from_config
 from safework.tasks import get_task
 from safework.training import Checkpointer, read_metrics
@@ -131,3 +134,38 @@ def test_dynamic_sampling_on_a_binary_reward_refills_and_resumes_from_its_stream
   rounds = sum(int(r["groups/sampling_rounds"]) for r in rows)
   assert checkpointer.meta(checkpointer.latest_step())["data_position"] == 16 * rounds   # prompts consumed
   checkpointer.close()
+
+
+def test_generating_in_chunks_samples_exactly_what_one_batch_does(processor):
+  model = Qwen25VL(get_preset("tiny"))
+  params = nn.meta.unbox(init_params(model, jax.random.key(0)))
+  examples = [Example("question " + "x " * (3 * i)) for i in range(7)]   # prompts of different lengths
+  no_reward = lambda rows, texts, lengths: Rewards(total=np.zeros(len(texts), np.float32), components={})
+  sampling = SamplingSettings(max_new_tokens=6, temperature=1.0, vocab_limit=len(processor.tokenizer))
+  settings = dataclasses.replace(SETTINGS, prompts_per_rollout=7, max_prompt_length=256)
+  sample = lambda s: sample_round(examples, params, jax.random.key(5), sampler=Sampler(model), processor=processor,
+                                  reward_fn=no_reward, settings=s, sampling=sampling)
+  whole = sample(settings)
+  chunked = sample(dataclasses.replace(settings, generation_prompts=3))   # 3 + 3 + 1 (padded to 3) prompts
+  for name, value in whole.outputs.items():
+    np.testing.assert_allclose(chunked.outputs[name], value, atol=1e-5, err_msg=name)
+  assert len(set(map(tuple, whole.outputs["responses"]))) > 7   # the samples differ
+
+
+def test_the_sampling_copy_is_cast_once_and_laid_out_for_decoding():
+  from jax.sharding import PartitionSpec as P
+  from safework import sharding
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  model = Qwen25VL(get_preset("tiny"))
+  params = sharding.init_sharded(lambda r: init_params(model, r), jax.random.key(0), mesh, sharding.DEFAULT_RULES)
+  assert RolloutSettings().sampling_copy(model, mesh, sharding.DEFAULT_RULES) is None   # decode from the masters
+  copy = RolloutSettings(sampling_dtype="bfloat16", sampling_replicated=True).sampling_copy(
+      model, mesh, sharding.DEFAULT_RULES)(params)
+  master, sampled = params["decoder"]["layers"]["q_proj"]["kernel"], copy["decoder"]["layers"]["q_proj"]["kernel"]
+  assert master.sharding.spec == P(None, "fsdp", None, None)   # [layers, D, N, H]: D over fsdp for training
+  assert sampled.dtype == jax.numpy.dtype("bfloat16") and sampled.sharding.is_fully_replicated   # no gathers
+  np.testing.assert_array_equal(np.asarray(sampled), np.asarray(master).astype(jax.numpy.bfloat16))
+  assert sharding.without_axis((("batch", ("data", "fsdp")), ("embed", "fsdp")), "fsdp") == (("batch", "data"),
+                                                                                            ("embed", None))
+  with pytest.raises(ValueError, match="sampling_dtype"):
+    RolloutSettings(sampling_dtype="bf16").validate()

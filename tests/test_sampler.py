@@ -11,6 +11,7 @@ from safework import sharding
 from safework.models import forward, from_pretrained
 from safework.models.checkpoint import abstract_params
 from safework.sampling import Sampler, SamplingSettings, bucket_length
+from safework.sampling.sampler import attention_spans
 from safework.sampling.tokens import sample_tokens
 from tests import hf_reference as ref
 
@@ -96,8 +97,9 @@ def test_sampling_distribution_matches_the_truncated_softmax(settings):
   logits = jnp.asarray([[2.0, 1.5, 1.2, 0.3, 0.0, -0.4, -1.0, -2.5]])
   draws = 40_000
   keys = jax.random.split(jax.random.key(7), draws)
-  tokens, behaviour = jax.jit(jax.vmap(lambda k: sample_tokens(k, logits, settings)))(keys)
-  tokens, behaviour = np.asarray(tokens)[:, 0], np.asarray(behaviour)[:, 0]
+  rows = jnp.broadcast_to(logits, (draws, logits.shape[1]))   # one row per draw, each with its own key
+  tokens, behaviour = jax.jit(lambda k: sample_tokens(k, rows, settings))(keys)
+  tokens, behaviour = np.asarray(tokens), np.asarray(behaviour)
   empirical = np.bincount(tokens, minlength=8) / draws
   # The reference distribution, computed independently in numpy: temperature, then top-k, then nucleus.
   scaled = np.asarray(logits[0], np.float64) / settings.temperature
@@ -120,18 +122,22 @@ def test_sampling_distribution_matches_the_truncated_softmax(settings):
   np.testing.assert_allclose(behaviour, np.log(p[tokens]), atol=1e-5)
 
 
-def test_group_samples_share_one_prefill_and_equal_repeated_prompts(setup):
+def test_group_samples_share_one_prefill_and_rows_sample_alike_alone(setup):
   _, _, params, sampler = setup
   batch, groups = _padded_batch(), 3
   settings = SamplingSettings(max_new_tokens=6, temperature=1.0)
   grouped = sampler.generate(params, batch, jax.random.key(3), settings, num_samples=groups)
-  repeated = {k: np.repeat(v, groups, axis=0) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-  repeated.update(pixel_values=np.concatenate([batch["pixel_values"]] * groups),
-                  image_grid_thw=np.repeat(batch["image_grid_thw"], groups, axis=0))
-  plain = sampler.generate(params, repeated, jax.random.key(3), settings)
-  np.testing.assert_array_equal(np.asarray(grouped.tokens), np.asarray(plain.tokens))
-  np.testing.assert_allclose(np.asarray(grouped.logprobs), np.asarray(plain.logprobs), atol=1e-5)
   assert len(set(map(tuple, np.asarray(grouped.tokens)[:groups]))) > 1   # the samples of one prompt differ
+  # Each row draws with its own key: generated alone (a chunk of one row, first_row = its index), a prompt gets
+  # exactly the samples it got beside the others.
+  alone = [dict(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
+                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]),
+           dict(input_ids=batch["input_ids"][1:], attention_mask=batch["attention_mask"][1:])]
+  for row, one in enumerate(alone):
+    out = sampler.generate(params, one, jax.random.key(3), settings, num_samples=groups, first_row=row)
+    rows = slice(row * groups, (row + 1) * groups)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(grouped.tokens)[rows])
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(grouped.logprobs)[rows], atol=1e-5)
 
 
 def test_eos_stop_sequences_and_early_exit(setup):
@@ -224,3 +230,15 @@ def test_logits_processor_hook_masks_tokens(setup):
   assert banned not in tokens and tokens[0, 2] == forced
   # Log-probs stay those of the policy, not of the processed distribution.
   assert np.all(np.asarray(out.logprobs) < 0)
+
+
+def test_decoding_in_spans_of_the_cache_equals_attending_all_of_it(setup):
+  _, model, params, sampler = setup
+  settings = SamplingSettings(max_new_tokens=40, temperature=1.0)
+  prefix = sampler.prefill(params, _padded_batch(), 40, extra_slots=200)   # capacity 256
+  assert attention_spans(256, 32) == [32, 64, 128, 256] and attention_spans(100, 128) == [100]
+  spans = Sampler(model, min_span=32).decode(params, prefix, jax.random.key(2), settings, keep_prefix=True)
+  whole = Sampler(model, min_span=256).decode(params, prefix, jax.random.key(2), settings, keep_prefix=True)
+  np.testing.assert_array_equal(np.asarray(spans.tokens), np.asarray(whole.tokens))
+  np.testing.assert_allclose(np.asarray(spans.logprobs), np.asarray(whole.logprobs), atol=1e-5)
+  assert int(spans.prefix.write_index) > 32   # the steps crossed from one span into the next

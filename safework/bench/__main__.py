@@ -20,6 +20,8 @@ def main() -> None:
   sampler.add_argument("--gen_len", type=int, default=64)
   sampler.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   sampler.add_argument("--no_peer", action="store_true", help="skip the transformers generate peer")
+  sampler.add_argument("--case", default="throughput", choices=["throughput", "cache_cost", "ragged"],
+                       help="throughput (vs transformers); decode step cost vs reserved cache; ragged row lengths")
   train = sub.add_parser("train", help="tokens/s and MFU of the RL train step; rollout/train split")
   train.add_argument("--preset", default="tiny")
   train.add_argument("--batch", type=int, default=16)
@@ -43,6 +45,12 @@ def main() -> None:
                                  "matmul_TFLOPs": ceilings.matmul_rate / 1e12}}))
   if args.bench == "sampler":
     from safework.bench import sampler as bench
+    if args.case == "cache_cost":
+      print(json.dumps(bench.cache_cost(args.preset, args.batch, args.prompt_len, args.gen_len, args.dtype)))
+      return
+    if args.case == "ragged":
+      print(json.dumps(bench.ragged(args.preset, args.batch, args.prompt_len, args.dtype)))
+      return
     shape = (args.preset, args.batch, args.group, args.prompt_len, args.gen_len, args.dtype)
     result = bench.run(*shape, ceilings=ceilings)
     if not args.no_peer and importlib.util.find_spec("torch") is not None:

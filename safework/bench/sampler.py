@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +84,82 @@ def transformers_peer(preset: str, batch: int, group: int, prompt_len: int, gen_
     print(f"transformers peer failed: {getattr(e, 'stderr', e)}", file=sys.stderr)
     return None
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _tiny_setup(preset: str, dtype: str):
+  """A model with random weights in the sampling dtype (what the sampler decodes from: the bf16 copy of the fp32
+  masters in production), on all local devices."""
+  cfg = get_preset(preset)
+  dt = jnp.dtype(dtype)
+  model = Qwen25VL(cfg, dtype=dt, param_dtype=dt)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": -1})
+  params = sharding.init_sharded(lambda r: init_params(model, r), jax.random.key(0), mesh, sharding.DEFAULT_RULES)
+  return cfg, model, mesh, params
+
+
+def _prompts(cfg, batch: int, prompt_len: int) -> dict:
+  ids = np.random.default_rng(0).integers(10, min(cfg.text.vocab_size, 150000), (batch, prompt_len)).astype(np.int32)
+  return dict(input_ids=ids, attention_mask=np.ones_like(ids))
+
+
+def _decode_time(sampler: Sampler, params, prefill, settings: SamplingSettings, repeats: int = 3) -> float:
+  """The fastest decode of a fresh prefix (donated, as the rollout decodes), the prefill not timed."""
+  best = float("inf")
+  for _ in range(repeats + 1):   # the first run compiles
+    prefix = jax.block_until_ready(prefill())
+    start = time.perf_counter()
+    jax.block_until_ready(sampler.decode(params, prefix, jax.random.key(1), settings).tokens)
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def cache_cost(preset: str, batch: int, prompt_len: int, gen_len: int, dtype: str,
+               capacities: tuple[int, int] = (128, 2048)) -> dict:
+  """Decode step time at the same filled length with a small and a large reserved cache (goal: within 1.3x)."""
+  cfg, model, mesh, params = _tiny_setup(preset, dtype)
+  settings = SamplingSettings(max_new_tokens=gen_len, temperature=1.0, eos_ids=())
+  times = {}
+  with jax.set_mesh(mesh):
+    sampler = Sampler(model, mesh=mesh)
+    for capacity in capacities:
+      extra = capacity - bucket_length(prompt_len) - gen_len
+      if extra < 0:
+        raise ValueError(f"capacity {capacity} is below the prompt bucket + gen_len")
+      prefill = lambda: sampler.prefill(params, _prompts(cfg, batch, prompt_len), gen_len, extra_slots=extra)
+      times[capacity] = _decode_time(sampler, params, prefill, settings) / gen_len
+  small, large = capacities
+  return {"case": "cache_cost", "preset": preset, "dtype": dtype, "batch": batch, "filled": bucket_length(prompt_len)
+          + gen_len, **{f"step_ms_capacity_{c}": 1e3 * t for c, t in times.items()},
+          "large_over_small": times[large] / times[small], "goal": "<= 1.3"}
+
+
+def _stop_short_rows(short_rows: int, short_len: int, eos: int):
+  """A logits processor that ends the first `short_rows` rows at step `short_len` (EOS forced), others never."""
+  def force(logits, history, step):
+    del history
+    rows = jnp.arange(logits.shape[0])[:, None]
+    stop = (rows < short_rows) & (step == short_len - 1)
+    no_eos = jnp.arange(logits.shape[1])[None] == eos
+    return jnp.where(stop, jnp.where(no_eos, 0.0, -jnp.inf), jnp.where(no_eos, -jnp.inf, logits))
+  return force
+
+
+def ragged(preset: str, batch: int, prompt_len: int, dtype: str, short_len: int = 32, long_len: int = 512,
+           long_fraction: float = 0.1) -> dict:
+  """90% of rows stop after `short_len` tokens, 10% run to `long_len`: total time against the long rows alone
+  (goal: within 1.5x; rows that finish early should stop costing)."""
+  cfg, model, mesh, params = _tiny_setup(preset, dtype)
+  eos = int(cfg.eos_token_id if not isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id[0])
+  long_rows = max(1, int(round(batch * long_fraction)))
+  with jax.set_mesh(mesh):
+    sampler = Sampler(model, mesh=mesh)
+
+    def total(rows: int, short_rows: int) -> float:
+      settings = SamplingSettings(max_new_tokens=long_len, temperature=1.0, eos_ids=(eos,),
+                                  logits_processor=_stop_short_rows(short_rows, short_len, eos))
+      return _decode_time(sampler, params, lambda: sampler.prefill(params, _prompts(cfg, rows, prompt_len),
+                                                                    long_len), settings, repeats=2)
+    mixed, alone = total(batch, batch - long_rows), total(long_rows, 0)
+  return {"case": "ragged", "preset": preset, "dtype": dtype, "rows": batch, "long_rows": long_rows,
+          "short_len": short_len, "long_len": long_len, "mixed_s": mixed, "long_rows_alone_s": alone,
+          "mixed_over_alone": mixed / alone, "goal": "<= 1.5"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -30,6 +31,11 @@ def devices_of(topology: Topology) -> list:
                          f"{len(devices)}; set XLA_FLAGS=--xla_force_host_platform_device_count={topology.chips} "
                          "before JAX starts (python -m safework.plan does)")
     return devices[:topology.chips]
+  # libtpu reads these when it loads: compile only (another process may hold the TPU lock, e.g. a second plan),
+  # and no probing of a TPU host that this machine is not (it would print initialisation errors).
+  for name, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                      ("TPU_ACCELERATOR_TYPE", topology.name)):
+    os.environ.setdefault(name, value)
   try:
     from jax.experimental import topologies
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.topology_name).devices)

@@ -216,22 +216,32 @@ class StagePrograms:
     judge_params = {j.weights: sharded_params(j.model, self.mesh, self.rules) for j in judges}
     resident = {"optimizer state": optimizer_bytes,
                 **{f"judge weights {w}": bytes_per_device(p) for w, p in judge_params.items()}}
-    if loss.uses_reference:
-      resident["reference policy"] = bytes_per_device(self.params)
+    if loss.uses_reference:   # kept in the sampling dtype (RLTrainer)
+      resident["reference policy"] = bytes_per_device(sharded_params(self.model, self.mesh, self.rules,
+                                                                     r.sampling_dtype))
     programs = self._vision(arrays, resident)
 
+    # Generation: `generation_prompts` prompts at a time, from the sampling copy (the masters stay resident).
+    chunk = min(r.generation_prompts or r.prompts_per_rollout, r.prompts_per_rollout)
+    chunks = -(-r.prompts_per_rollout // chunk)
+    copy_rules = sharding.without_axis(self.rules, "fsdp") if r.sampling_replicated else self.rules
+    sampled = sharded_params(self.model, self.mesh, copy_rules, r.sampling_dtype)
+    sampled_bytes = jnp.dtype(r.sampling_dtype or self.model.param_dtype).itemsize
+    generating = {**resident, "policy params (masters)": bytes_per_device(self.params)} \
+        if r.sampling_dtype or r.sampling_replicated else resident
+    gen_prompt = dataclasses.replace(prompt, rows=chunk)
+    gen_arrays = synthetic_prompts(cfg, gen_prompt)
     sampler = Sampler(self.model, mesh=self.mesh, rules=self.rules)
-    prepared, _ = _vision_inputs(cfg, arrays)
+    prepared, _ = _vision_inputs(cfg, gen_arrays)
     capacity = prompt.length + r.max_new_tokens
-    prefill_args = (self.params, self._host(arrays["input_ids"]), self._host(arrays["attention_mask"]),
-                    self._host(arrays.get("pixel_values")), None, self._host(prepared))
-    prefill_work = (costs.decoder_pass(cfg, prompt.rows * prompt.length, costs.causal_pairs(prompt.rows, prompt.length),
-                                       prompt.rows, self.weight_bytes)
-                    + self._vision_work(self.model, prompt.rows, prompt.length))
+    prefill_args = (sampled, self._host(gen_arrays["input_ids"]), self._host(gen_arrays["attention_mask"]),
+                    self._host(gen_arrays.get("pixel_values")), None, self._host(prepared))
+    prefill_work = (costs.decoder_pass(cfg, chunk * prompt.length, costs.causal_pairs(chunk, prompt.length), chunk,
+                                       sampled_bytes) + self._vision_work(self.model, chunk, prompt.length)) * chunks
+    knob = "rollout.generation_prompts (or rollout.sampling_dtype / sampling_replicated)"
     programs.append(Program("prefill", sampler.jitted_prefill, prefill_args,
-                            ("policy params", "prompt ids", "prompt mask", "images", "videos", "positions"),
-                            "rollout.prompts_per_rollout", prefill_work, static={"capacity": capacity},
-                            resident=resident))
+                            ("sampling params", "prompt ids", "prompt mask", "images", "videos", "positions"),
+                            knob, prefill_work, static={"capacity": capacity}, resident=generating))
     prefix = jax.eval_shape(functools.partial(sampler.jitted_prefill, capacity=capacity), *prefill_args)
     prefix = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), prefix,
                           sampler.prefix_shardings(prefix))
@@ -240,12 +250,13 @@ class StagePrograms:
                                 top_k=r.top_k, eos_ids=tuple(eos) if isinstance(eos, tuple) else (eos or 0,),
                                 vocab_limit=cfg.text.vocab_size).validate()
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
-    decode_work = costs.decode_loop(cfg, r.rows, prompt.length, r.max_new_tokens, self.weight_bytes,
-                                    jnp.dtype(sampler.cache_dtype).itemsize)
-    programs.append(Program("decode", sampler.jitted_decode(r.samples_per_prompt), (self.params, prefix, key),
-                            ("policy params", "prompt cache", "rng"),
-                            "rollout.prompts_per_rollout or rollout.max_new_tokens", decode_work,
-                            static={"settings": settings, "num_samples": r.samples_per_prompt}, resident=resident))
+    decode_work = costs.decode_loop(cfg, chunk * r.samples_per_prompt, prompt.length, r.max_new_tokens,
+                                    sampled_bytes, jnp.dtype(sampler.cache_dtype).itemsize) * chunks
+    first_row = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
+    programs.append(Program("decode", sampler.jitted_decode(r.samples_per_prompt), (sampled, prefix, key, first_row),
+                            ("sampling params", "prompt cache", "rng", "first row"),
+                            knob + " or rollout.max_new_tokens", decode_work,
+                            static={"settings": settings, "num_samples": r.samples_per_prompt}, resident=generating))
 
     rows, micro, length = r.rows, train.micro_batch_size or r.minibatch_size, prompt.length + r.max_new_tokens
     logprob_fn = jax.jit(make_logprob_fn(self.model, rows // micro, train.logprob_chunk, settings.vocab_limit))

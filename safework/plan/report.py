@@ -79,14 +79,14 @@ class Plan:
     head = (f"{self.stage} on {self.topology.name} ({self.topology.chips} chips, {self.devices} devices, mesh "
             f"{self.mesh}); HBM {self.hbm_bytes_per_device / 1e9:.1f} GB per device"
             + (" -- ESTIMATE: compiled for the CPU, not the target" if self.estimate else ""))
-    rows = [head, f"{'program':<16}{'args GB':>9}{'out GB':>9}{'temp GB':>9}{'resid GB':>9}{'total GB':>9}{'% HBM':>7}"
-                  f"{'TFLOP':>9}{'GB moved':>10}{'roofline s':>11}"]
+    w = max(8, *(len(name) + 1 for name in self.programs))
+    rows = [head, f"{'program':<{w}}{'args GB':>9}{'out GB':>9}{'temp GB':>9}{'resid GB':>9}{'total GB':>9}"
+                  f"{'% HBM':>7}{'TFLOP':>11}{'TB moved':>10}{'roofline s':>11}"]
     for name, c in self.programs.items():
       share = 100 * c.total_bytes / self.hbm_bytes_per_device
-      rows.append(f"{name:<16}{gb(c.argument_bytes)} {gb(c.output_bytes)} {gb(c.temp_bytes)} {gb(c.resident_bytes)} "
-                  f"{gb(c.total_bytes)}"
-                  f"{share:6.0f}%{c.flops / 1e12:9.2f}{c.bytes_accessed / 1e9:10.2f}"
-                  f"{c.roofline_s(self.topology):11.4f}")
+      rows.append(f"{name:<{w}}{gb(c.argument_bytes)} {gb(c.output_bytes)} {gb(c.temp_bytes)} "
+                  f"{gb(c.resident_bytes)} {gb(c.total_bytes)}{share:6.0f}%{c.flops / 1e12:11.1f}"
+                  f"{c.bytes_accessed / 1e12:10.3f}{c.roofline_s(self.topology):11.3f}")
     rows.append(self.verdict())
     return "\n".join(rows)
 

@@ -16,13 +16,15 @@ N = max_new_tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from safework import distributed
+from safework import distributed, sharding
 from safework.data.example import Example
+from safework.models.checkpoint import abstract_params
 from safework.processing import Processor
 from safework.rewards.base import RewardFunction, Rewards
 from safework.rl import advantages as adv
@@ -56,6 +58,12 @@ class RolloutSettings:
   minibatch_size: int = 128
   epochs: int = 1
   image_multiple: int = 8        # blank images pad a rollout's image count to a multiple of this (fewer compiles)
+  generation_prompts: int | None = None   # prompts prefilled and decoded together (None: a whole round at once);
+                                          # fewer bound the KV cache (python -m safework.plan tells what fits)
+  # The sampler decodes from a copy of the policy refreshed once per rollout: in this dtype (None: the masters'),
+  # and, with sampling_replicated, replicated over the fsdp axis (no weight all-gathers per decode step).
+  sampling_dtype: str | None = None
+  sampling_replicated: bool = False
   dynamic_sampling: bool = False  # DAPO: replace groups with all-equal rewards by freshly sampled ones
   max_sampling_rounds: int = 3
   overlong: str = "none"         # responses cut at max_new_tokens: "none", "mask" (no loss) or "soft" (penalty)
@@ -89,9 +97,25 @@ class RolloutSettings:
     if self.overlong == "soft" and not 0 < self.overlong_buffer < self.max_new_tokens:
       raise ValueError(f"overlong='soft' needs 0 < overlong_buffer < max_new_tokens ({self.max_new_tokens}), "
                        f"got {self.overlong_buffer}")
+    if self.sampling_dtype is not None:
+      try:
+        jnp.dtype(self.sampling_dtype)
+      except TypeError:
+        raise ValueError(f"sampling_dtype={self.sampling_dtype!r} is not a dtype (bfloat16, float32)") from None
+    if self.generation_prompts is not None and self.generation_prompts < 1:
+      raise ValueError(f"generation_prompts must be positive (or None), got {self.generation_prompts}")
     if self.max_sampling_rounds < 1 or self.length_scale <= 0:
       raise ValueError("max_sampling_rounds must be at least 1 and length_scale positive")
     return self
+
+  def sampling_copy(self, model, mesh: jax.sharding.Mesh, rules) -> Callable[[Any], Any] | None:
+    """The jitted cast of the masters into the sampler's copy (None: the sampler reads the masters)."""
+    if self.sampling_dtype is None and not self.sampling_replicated:
+      return None
+    dtype = jnp.dtype(self.sampling_dtype or model.param_dtype)
+    rules = sharding.without_axis(rules, "fsdp") if self.sampling_replicated else rules
+    shardings = sharding.param_shardings(abstract_params(model), mesh, rules)
+    return jax.jit(lambda params: jax.tree.map(lambda x: x.astype(dtype), params), out_shardings=shardings)
 
   def sampling(self, tokenizer, eos_ids: Sequence[int]) -> SamplingSettings:
     return SamplingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -182,12 +206,26 @@ def overlong_shaping(lengths: np.ndarray, done: np.ndarray, settings: RolloutSet
 
 def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler: Sampler, processor: Processor,
                  reward_fn: RewardFunction, settings: RolloutSettings, sampling: SamplingSettings) -> _Round:
-  """Samples G responses per prompt and scores them."""
+  """Samples G responses per prompt and scores them.
+
+  Prompts are generated `generation_prompts` at a time (the last chunk padded with repeats, one compiled shape);
+  every prompt samples with its own key, so the chunking does not change the samples.
+  """
   prompts = PromptBatch.of(examples, processor, settings.max_prompt_length, settings.image_multiple)
-  out = sampler.generate(params, prompts.arrays(), rng, sampling, num_samples=settings.samples_per_prompt)
-  outputs = {"responses": distributed.host_array(out.tokens), "lengths": distributed.host_array(out.lengths),
-             "done": distributed.host_array(out.done), "policy_logp": distributed.host_array(out.logprobs),
-             "behaviour_logp": distributed.host_array(out.behaviour_logprobs)}
+  chunk = min(settings.generation_prompts or len(examples), len(examples))
+  parts = []
+  for start in range(0, len(examples), chunk):
+    rows = list(range(start, min(start + chunk, len(examples))))
+    part = prompts if chunk == len(examples) else PromptBatch.of(
+        [examples[i] for i in rows + rows[:1] * (chunk - len(rows))], processor, settings.max_prompt_length,
+        settings.image_multiple, width=prompts.input_ids.shape[1])
+    out = sampler.generate(params, part.arrays(), rng, sampling, num_samples=settings.samples_per_prompt,
+                           first_row=start)
+    kept = len(rows) * settings.samples_per_prompt
+    parts.append({name: distributed.host_array(value)[:kept] for name, value in (
+        ("responses", out.tokens), ("lengths", out.lengths), ("done", out.done), ("policy_logp", out.logprobs),
+        ("behaviour_logp", out.behaviour_logprobs))})
+  outputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
   texts = decode_rows(processor.tokenizer, outputs["responses"], outputs["lengths"], settings.stop_strings)
   rows = [e for e in examples for _ in range(settings.samples_per_prompt)]
   scored = reward_fn(rows, texts, outputs["lengths"]).check(len(texts))

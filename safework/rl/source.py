@@ -38,6 +38,7 @@ class RolloutSource:
     self.mesh, self.rules, self.vision_trainable, self.ref_params = mesh, rules, vision_trainable, ref_params
     self.stream = ShuffledStream(prompts, seed)
     self.sampler = Sampler(model, mesh=mesh, rules=rules)
+    self._sampling_copy = settings.sampling_copy(model, mesh, rules)
     self.total_steps, self.batch_size = settings.num_rollouts * settings.steps, settings.minibatch_size
     self._logprobs = jax.jit(make_logprob_fn(model, settings.rows // micro_batch_size, logprob_chunk,
                                              sampling.vocab_limit))
@@ -84,15 +85,17 @@ class RolloutSource:
     settings = self.settings
     base = jax.random.fold_in(jax.random.key(self.seed), index)
     rounds, start = [], time.perf_counter()
+    sampled = params if self._sampling_copy is None else self._sampling_copy(params)   # refreshed per rollout
     for k in range(settings.max_sampling_rounds if settings.dynamic_sampling else 1):
       examples = self.stream.take(self._data_position, settings.prompts_per_rollout)
       self._data_position += settings.prompts_per_rollout
-      rounds.append(rollouts.sample_round(examples, params, jax.random.fold_in(base, k), sampler=self.sampler,
+      rounds.append(rollouts.sample_round(examples, sampled, jax.random.fold_in(base, k), sampler=self.sampler,
                                           processor=self.processor, reward_fn=self.reward_fn, settings=settings,
                                           sampling=self.sampling))
       informative = sum(int((~rollouts.equal_groups(r.shaped, settings.samples_per_prompt)).sum()) for r in rounds)
       if informative >= settings.prompts_per_rollout:
         break
+    del sampled
     generated = sum(int(r.outputs["lengths"].sum()) for r in rounds)
     metrics = {"generation_s": time.perf_counter() - start}
     metrics["generated_tokens_per_s"] = generated / max(metrics["generation_s"], 1e-9)

@@ -32,8 +32,11 @@ class RLTrainer:
     self.params = params
     self.total_steps = rollout.num_rollouts * rollout.steps
     self.tx = make_optimizer(optim, self.total_steps, params)
-    # The step donates the policy's buffers, so the reference keeps its own copy.
-    ref_params = jax.tree.map(jnp.copy, params) if loss.uses_reference else None
+    # The step donates the policy's buffers, so the reference keeps its own copy (in the sampling dtype: it only
+    # infers).
+    dtype = jnp.dtype(rollout.sampling_dtype) if rollout.sampling_dtype else None
+    own_copy = lambda x: x.astype(dtype) if dtype is not None and dtype != x.dtype else jnp.copy(x)
+    ref_params = jax.tree.map(own_copy, params) if loss.uses_reference else None
     eos = model.config.eos_token_id
     eos_ids = list(eos) if isinstance(eos, tuple) else [eos] if eos is not None else []
     sampling = rollout.sampling(processor.tokenizer, eos_ids + [processor.tokenizer.eos_token_id])

@@ -70,12 +70,18 @@ class DecodeState:
   logprobs: jax.Array             # [B, N] fp32: policy log-probs of the drawn tokens
   behaviour_logprobs: jax.Array   # [B, N] fp32: their log-probs under the distribution drawn from
   done: jax.Array                 # [B] bool
-  rng: jax.Array
+  keys: jax.Array                 # [B] each row's own key; step s draws with fold_in(key, s)
 
 
 def bucket_length(length: int, minimum: int = 16) -> int:
   """Prompts are padded to the next power of two (at least `minimum`), so few shapes get compiled."""
   return max(minimum, 1 << max(0, int(length) - 1).bit_length())
+
+
+def attention_spans(capacity: int, min_span: int) -> list[int]:
+  """Growing prefixes of the cache that decode steps attend: min_span, 2 min_span, 4 min_span, ..., capacity."""
+  spans = [min_span << k for k in range(max(0, capacity - 1).bit_length()) if min_span << k < capacity]
+  return spans + [capacity]
 
 
 def pad_left(ids: np.ndarray, mask: np.ndarray, width: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -88,8 +94,9 @@ class Sampler:
   """Generation for one model; jitted functions are compiled per shape and settings, and reused."""
 
   def __init__(self, model: Qwen25VL, mesh: jax.sharding.Mesh | None = None,
-               rules: sharding.Rules = sharding.DEFAULT_RULES, cache_dtype=None):
+               rules: sharding.Rules = sharding.DEFAULT_RULES, cache_dtype=None, min_span: int = 128):
     self.model = model
+    self.min_span = min_span   # the smallest span of the cache a decode step attends (see attention_spans)
     self.mesh = mesh
     self.rules = rules
     self.cache_dtype = cache_dtype or model.dtype
@@ -123,15 +130,17 @@ class Sampler:
   # -- the model, one block of tokens at a time ----------------------------------------------------------------
 
   def _advance(self, params, prefix: Prefix, embeds: jax.Array, positions: jax.Array, valid: jax.Array,
-               empty: bool = False) -> Prefix:
+               empty: bool = False, window: int | None = None) -> Prefix:
     """Writes a block of n tokens (embeds [B, n, D], positions [3, B, n], valid [B, n]) at the write index.
 
-    The block attends the whole cache, or, when the prefix is `empty` (a prefill), only itself: what the prompt
-    costs, not what the cache reserves.
+    The block attends the cache's first `window` slots (default: all; the caller guarantees the block lies
+    within them), or, when the prefix is `empty` (a prefill), only itself: what the prompt costs, not what the
+    cache reserves.
     """
     n = embeds.shape[1]
     key_valid = jax.lax.dynamic_update_slice(prefix.key_valid, valid, (0, prefix.write_index))
-    attended, slots = (valid, None) if empty else (key_valid, prefix.capacity)
+    window = window or prefix.capacity
+    attended, slots = (valid, None) if empty else (key_valid[:, :window], window)
     hidden, cache = self.model.apply({"params": params}, embeds, positions, attended, prefix.cache, prefix.write_index,
                                      slots, method=Qwen25VL.decode)
     logits = self.model.apply({"params": params}, hidden[:, -1:], method=Qwen25VL.logits)[:, 0].astype(jnp.float32)
@@ -164,51 +173,62 @@ class Sampler:
     # The next token follows the prompt's largest position (the prompt ends in text: its last position).
     return prefix.replace(next_position=jnp.max(prepared.positions, axis=(0, 2)) + 1)
 
-  def _extend_fn(self, params, prefix: Prefix, tokens: jax.Array, valid: jax.Array) -> Prefix:
+  def _extend_fn(self, params, prefix: Prefix, tokens: jax.Array, valid: jax.Array, window: int | None = None
+                 ) -> Prefix:
     embeds = self.model.apply({"params": params}, tokens, method=Qwen25VL.embed)
     offsets = jnp.cumsum(valid, axis=1) - 1
     positions = jnp.where(valid, prefix.next_position[:, None] + offsets, 0)
-    return self._advance(params, prefix, embeds, jnp.broadcast_to(positions, (3,) + tokens.shape), valid)
+    return self._advance(params, prefix, embeds, jnp.broadcast_to(positions, (3,) + tokens.shape), valid,
+                         window=window)
 
   # -- the decode loop -----------------------------------------------------------------------------------------
 
-  def _decode_fn(self, params, prefix: Prefix, rng: jax.Array, settings: SamplingSettings,
+  def _decode_fn(self, params, prefix: Prefix, rng: jax.Array, first_row: jax.Array, settings: SamplingSettings,
                  num_samples: int) -> SampleOutput:
+    # Sample g of prefix row i draws from fold_in(fold_in(rng, first_row + i), g): its tokens do not depend on the
+    # rows beside it, so generating a batch in chunks (first_row = the chunk's first row) samples the same.
+    rows = prefix.key_valid.shape[0]
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(first_row + jnp.arange(rows))
+    keys = jax.vmap(jax.random.fold_in)(jnp.repeat(row_keys, num_samples), jnp.tile(jnp.arange(num_samples), rows))
     if num_samples > 1:   # G samples per row share its prefill: repeat the cache rows, do not recompute them
-      prefix = self._constrain_prefix(prefix.take(jnp.repeat(jnp.arange(prefix.key_valid.shape[0]), num_samples)))
+      prefix = self._constrain_prefix(prefix.take(jnp.repeat(jnp.arange(rows), num_samples)))
     batch, steps = prefix.key_valid.shape[0], settings.max_new_tokens
     table = token_ops.stop_table(settings.stop_sequences)
-    window = table.shape[1]
+    window = table.shape[1]   # of the stop sequences
     eos = jnp.asarray(settings.eos_ids or (-2,), jnp.int32)
 
-    def body(state: DecodeState) -> DecodeState:
-      rng, key = jax.random.split(state.rng)
+    def body(state: DecodeState, span: int) -> DecodeState:
       policy = state.prefix.last_logits
       if settings.vocab_limit is not None:
         policy = jnp.where(jnp.arange(policy.shape[-1]) < settings.vocab_limit, policy, -jnp.inf)
       logits = policy
       if settings.logits_processor is not None:
         logits = settings.logits_processor(logits, state.history[:, window - 1:], state.step)
-      token, behaviour = token_ops.sample_tokens(key, logits, settings)
+      step_keys = jax.vmap(lambda key: jax.random.fold_in(key, state.step))(state.keys)
+      token, behaviour = token_ops.sample_tokens(step_keys, logits, settings)
       logprob = token_ops.token_logprobs(policy, token)
       done, step = state.done, state.step
       token = jnp.where(done, settings.pad_id, token)
       history = state.history.at[:, window - 1 + step].set(jnp.where(done, token_ops.NO_TOKEN, token))
       recent = jax.lax.dynamic_slice_in_dim(history, step, window, axis=1)
       return DecodeState(
-          step=step + 1, prefix=self._extend_fn(params, state.prefix, token[:, None], ~done[:, None]),
+          step=step + 1, prefix=self._extend_fn(params, state.prefix, token[:, None], ~done[:, None], span),
           history=history, logprobs=state.logprobs.at[:, step].set(jnp.where(done, 0.0, logprob)),
           behaviour_logprobs=state.behaviour_logprobs.at[:, step].set(jnp.where(done, 0.0, behaviour)),
-          done=done | jnp.isin(token, eos) | token_ops.ends_with_stop(recent, table), rng=rng)
+          done=done | jnp.isin(token, eos) | token_ops.ends_with_stop(recent, table), keys=state.keys)
 
     def cond(state: DecodeState) -> jax.Array:
       return (state.step < steps) & ~jnp.all(state.done)
 
     history = jnp.full((batch, window - 1 + steps), token_ops.NO_TOKEN, jnp.int32)
     zeros = jnp.zeros((batch, steps), jnp.float32)
-    state = jax.lax.while_loop(cond, body, DecodeState(
-        step=jnp.zeros((), jnp.int32), prefix=prefix, history=self._constrain(history, ("batch", None)),
-        logprobs=zeros, behaviour_logprobs=zeros, done=jnp.zeros(batch, bool), rng=rng))
+    state = DecodeState(step=jnp.zeros((), jnp.int32), prefix=prefix, history=self._constrain(history, ("batch", None)),
+                        logprobs=zeros, behaviour_logprobs=zeros, done=jnp.zeros(batch, bool), keys=keys)
+    # A step attends the smallest span of the cache that holds its slot: the loop runs in stages of doubling spans,
+    # so a step costs what the filled part of the cache costs (within 2x, from min_span on), not its capacity.
+    for span in attention_spans(prefix.capacity, self.min_span):
+      state = jax.lax.while_loop(lambda st, span=span: cond(st) & (st.prefix.write_index < span),
+                                 functools.partial(body, span=span), state)
     generated = state.history[:, window - 1:]
     lengths = jnp.sum(generated != token_ops.NO_TOKEN, axis=1).astype(jnp.int32)
     tokens = jnp.where(generated == token_ops.NO_TOKEN, settings.pad_id, generated)
@@ -253,14 +273,18 @@ class Sampler:
     return self._extend(params, prefix, tokens, valid)
 
   def decode(self, params, prefix: Prefix, rng: jax.Array, settings: SamplingSettings, num_samples: int = 1,
-             keep_prefix: bool = False) -> SampleOutput:
-    """Samples up to `settings.max_new_tokens` per row (x `num_samples`). Rows are ordered prompt-major."""
+             keep_prefix: bool = False, first_row: int = 0) -> SampleOutput:
+    """Samples up to `settings.max_new_tokens` per row (x `num_samples`). Rows are ordered prompt-major.
+
+    Row i samples with its own key, fold_in(rng, first_row + i): a batch generated in chunks (each with its
+    first row's index) gives exactly the samples of the whole batch at once.
+    """
     settings.validate()
     room = prefix.capacity - int(prefix.write_index)
     if settings.max_new_tokens > room:
       raise ValueError(f"the prefix has room for {room} new tokens, max_new_tokens={settings.max_new_tokens}")
     decode = self.jitted_decode(num_samples, keep_prefix)
-    return decode(params, prefix, rng, settings=settings, num_samples=num_samples)
+    return decode(params, prefix, rng, jnp.asarray(first_row, jnp.int32), settings=settings, num_samples=num_samples)
 
   def jitted_decode(self, num_samples: int, keep_prefix: bool = False):
     """The decode program `decode` runs: it donates the prefix unless it is kept (with several samples per row the
@@ -268,7 +292,7 @@ class Sampler:
     return self._decode_keep if keep_prefix or num_samples > 1 else self._decode
 
   def generate(self, params, batch: dict[str, Any], rng: jax.Array, settings: SamplingSettings,
-               num_samples: int = 1) -> SampleOutput:
+               num_samples: int = 1, first_row: int = 0) -> SampleOutput:
     """prefill + decode."""
     prefix = self.prefill(params, batch, settings.max_new_tokens)
-    return self.decode(params, prefix, rng, settings, num_samples)
+    return self.decode(params, prefix, rng, settings, num_samples, first_row=first_row)

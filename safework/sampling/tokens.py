@@ -14,8 +14,17 @@ from safework.sampling.settings import SamplingSettings
 NO_TOKEN = -1   # wildcard in the stop table, and the filler before the first generated token
 
 
-def sample_tokens(rng: jax.Array, logits: jax.Array, settings: SamplingSettings) -> tuple[jax.Array, jax.Array]:
-  """Draws one token per row from logits [B, V] (fp32): greedy, or temperature -> top-k -> top-p.
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+  """One draw per row from logits [B, C] with the row's own key (keys [B]): the Gumbel-max trick, row by row, so
+  a row's draw does not depend on which other rows share its batch (chunked and continuous batching sample
+  exactly what one batch would)."""
+  gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[1:], jnp.float32))(keys)
+  return jnp.argmax(logits + gumbel, axis=-1)
+
+
+def sample_tokens(keys: jax.Array, logits: jax.Array, settings: SamplingSettings) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row from logits [B, V] (fp32), with one key per row (keys [B]): greedy, or
+  temperature -> top-k -> top-p.
 
   Returns the tokens [B] and their log-probs [B] under the distribution they were drawn from (after
   temperature and truncation; 0 for greedy, a point mass): the behaviour policy an RL trainer corrects for.
@@ -26,7 +35,7 @@ def sample_tokens(rng: jax.Array, logits: jax.Array, settings: SamplingSettings)
   k = settings.top_k or (settings.nucleus_candidates if settings.top_p < 1 else None)
   if k is None or k >= logits.shape[-1]:
     if settings.top_p >= 1:
-      token = jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+      token = categorical(keys, logits).astype(jnp.int32)
       return token, token_logprobs(logits, token)
     k = logits.shape[-1]
   values, indices = jax.lax.top_k(logits, k)   # [B, C], sorted, most likely first
@@ -34,7 +43,7 @@ def sample_tokens(rng: jax.Array, logits: jax.Array, settings: SamplingSettings)
     probs = jax.nn.softmax(values, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     values = jnp.where(mass_before < settings.top_p, values, -jnp.inf)   # the first candidate always stays
-  choice = jax.random.categorical(rng, values, axis=-1)
+  choice = categorical(keys, values)
   token = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
   return token, token_logprobs(values, choice)
 
