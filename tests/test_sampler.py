@@ -242,3 +242,30 @@ def test_decoding_in_spans_of_the_cache_equals_attending_all_of_it(setup):
   np.testing.assert_array_equal(np.asarray(spans.tokens), np.asarray(whole.tokens))
   np.testing.assert_allclose(np.asarray(spans.logprobs), np.asarray(whole.logprobs), atol=1e-5)
   assert int(spans.prefix.write_index) > 32   # the steps crossed from one span into the next
+
+
+def test_compacting_finished_rows_samples_exactly_the_same(setup):
+  _, model, params, _ = setup
+  batch = {k: np.repeat(v, 4, axis=0) if k in ("input_ids", "attention_mask") else v for k, v in _padded_batch().items()}
+  batch["pixel_values"] = np.concatenate([batch["pixel_values"]] * 4)
+  batch["image_grid_thw"] = np.repeat(batch["image_grid_thw"], 4, axis=0)
+  eos = 7
+
+  def stop_after_multiples_of_five(logits, history, step):   # a rule of each row's own tokens: rows end unevenly
+    last = jnp.take_along_axis(history, jnp.maximum(step - 1, 0)[None, None].repeat(len(history), 0), axis=1)[:, 0]
+    end = (step > 0) & (last % 5 == 0)
+    return jnp.where(end[:, None], jnp.where(jnp.arange(logits.shape[1]) == eos, 0.0, -jnp.inf), logits)
+
+  settings = SamplingSettings(max_new_tokens=24, temperature=1.0, eos_ids=(eos,),
+                              logits_processor=stop_after_multiples_of_five)
+  sampler = Sampler(model, compaction_levels=2)
+  assert sampler._compaction_sizes(8) == [8, 4, 2]
+  plain = sampler.generate(params, batch, jax.random.key(4), settings)
+  compact = sampler.generate(params, batch, jax.random.key(4), settings, compact=True)
+  lengths = np.asarray(plain.lengths)
+  assert len(set(lengths.tolist())) > 2 and (lengths < 24).sum() >= 6   # rows end at different steps
+  for name in ("tokens", "lengths", "done"):
+    np.testing.assert_array_equal(np.asarray(getattr(compact, name)), np.asarray(getattr(plain, name)), err_msg=name)
+  np.testing.assert_allclose(np.asarray(compact.logprobs), np.asarray(plain.logprobs), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(compact.behaviour_logprobs), np.asarray(plain.behaviour_logprobs), atol=1e-5)
+  assert compact.prefix is None

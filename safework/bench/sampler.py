@@ -103,12 +103,12 @@ def _prompts(cfg, batch: int, prompt_len: int) -> dict:
 
 
 def _decode_time(sampler: Sampler, params, prefill, settings: SamplingSettings, repeats: int = 3) -> float:
-  """The fastest decode of a fresh prefix (donated, as the rollout decodes), the prefill not timed."""
+  """The fastest decode of a fresh prefix (donated and compacting, as the rollout decodes), the prefill not timed."""
   best = float("inf")
   for _ in range(repeats + 1):   # the first run compiles
     prefix = jax.block_until_ready(prefill())
     start = time.perf_counter()
-    jax.block_until_ready(sampler.decode(params, prefix, jax.random.key(1), settings).tokens)
+    jax.block_until_ready(sampler.decode(params, prefix, jax.random.key(1), settings, compact=True).tokens)
     best = min(best, time.perf_counter() - start)
   return best
 
@@ -139,8 +139,8 @@ def _stop_short_rows(short_rows: int, short_len: int, eos: int):
     del history
     rows = jnp.arange(logits.shape[0])[:, None]
     stop = (rows < short_rows) & (step == short_len - 1)
-    no_eos = jnp.arange(logits.shape[1])[None] == eos
-    return jnp.where(stop, jnp.where(no_eos, 0.0, -jnp.inf), jnp.where(no_eos, -jnp.inf, logits))
+    is_eos = jnp.arange(logits.shape[1])[None] == eos
+    return jnp.where(stop, jnp.where(is_eos, 0.0, -jnp.inf), jnp.where(is_eos, -jnp.inf, logits))
   return force
 
 

@@ -1,8 +1,9 @@
-"""The programs a stage runs, built from abstract shapes only (no weights, no data), exactly as the run builds them.
+"""The programs a stage runs, built from abstract shapes only (no weights, no data), by the code the run uses.
 
-Each `Program` is the run's own jitted function (the sampler's prefill and decode loop, the rollout's vision and
-log-prob passes, the trainer's step, each verifier's scoring pass) with arguments as ShapeDtypeStructs carrying
-the shardings the run gives them, so compiling it for a slice tells what the run needs there. Prompts are the
+Each `Program` is one of the run's jitted functions (the sampler's prefill and decode loop, the rollout's vision
+and log-prob passes, the trainer's step, each verifier's scoring pass), made by the same constructors, with
+arguments as ShapeDtypeStructs carrying the shardings the run gives them: compiling it for a slice tells what the
+run needs there. Prompts are the
 worst case the stage allows: `max_prompt_length` tokens with one image of `max_pixels` each.
 
 Buffers that stay in HBM while a program runs without being its arguments (the optimizer state while sampling, the
@@ -256,7 +257,8 @@ class StagePrograms:
     programs.append(Program("decode", sampler.jitted_decode(r.samples_per_prompt), (sampled, prefix, key, first_row),
                             ("sampling params", "prompt cache", "rng", "first row"),
                             knob + " or rollout.max_new_tokens", decode_work,
-                            static={"settings": settings, "num_samples": r.samples_per_prompt}, resident=generating))
+                            static={"settings": settings, "num_samples": r.samples_per_prompt, "compact": True},
+                            resident=generating))
 
     rows, micro, length = r.rows, train.micro_batch_size or r.minibatch_size, prompt.length + r.max_new_tokens
     logprob_fn = jax.jit(make_logprob_fn(self.model, rows // micro, train.logprob_chunk, settings.vocab_limit))

@@ -209,7 +209,8 @@ def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler
   """Samples G responses per prompt and scores them.
 
   Prompts are generated `generation_prompts` at a time (the last chunk padded with repeats, one compiled shape);
-  every prompt samples with its own key, so the chunking does not change the samples.
+  every prompt samples with its own key, so the chunking does not change the samples. Rows that finish early stop
+  costing (the sampler compacts the live rows).
   """
   prompts = PromptBatch.of(examples, processor, settings.max_prompt_length, settings.image_multiple)
   chunk = min(settings.generation_prompts or len(examples), len(examples))
@@ -220,7 +221,7 @@ def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler
         [examples[i] for i in rows + rows[:1] * (chunk - len(rows))], processor, settings.max_prompt_length,
         settings.image_multiple, width=prompts.input_ids.shape[1])
     out = sampler.generate(params, part.arrays(), rng, sampling, num_samples=settings.samples_per_prompt,
-                           first_row=start)
+                           first_row=start, compact=True)
     kept = len(rows) * settings.samples_per_prompt
     parts.append({name: distributed.host_array(value)[:kept] for name, value in (
         ("responses", out.tokens), ("lengths", out.lengths), ("done", out.done), ("policy_logp", out.logprobs),

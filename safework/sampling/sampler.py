@@ -13,6 +13,7 @@ Axis legend: B rows, T prompt (bucket) length, S cache slots, N new tokens, V vo
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -58,7 +59,7 @@ class SampleOutput:
   behaviour_logprobs: jax.Array   # [B, N] fp32, log-probs under the distribution drawn from (0 when greedy)
   lengths: jax.Array              # [B] int32, tokens generated per row (stop token included)
   done: jax.Array                 # [B] bool, the row hit an EOS id or a stop sequence
-  prefix: Prefix                  # the state after the last token, to continue from
+  prefix: Prefix | None           # the state after the last token, to continue from (None after compaction)
 
 
 @flax.struct.dataclass
@@ -78,6 +79,21 @@ def bucket_length(length: int, minimum: int = 16) -> int:
   return max(minimum, 1 << max(0, int(length) - 1).bit_length())
 
 
+def _take_rows(state: DecodeState, rows: jax.Array, constrain) -> DecodeState:
+  pick = lambda x: jnp.take(x, rows, axis=0)
+  return state.replace(prefix=constrain(state.prefix.take(rows)), history=pick(state.history),
+                       logprobs=pick(state.logprobs), behaviour_logprobs=pick(state.behaviour_logprobs),
+                       done=pick(state.done), keys=pick(state.keys))
+
+
+def _write_rows(full: DecodeState, rows: jax.Array, state: DecodeState) -> DecodeState:
+  """The output rows `rows` of `full` replaced by the (compacted) batch's."""
+  put = lambda whole, part: whole.at[rows].set(part)
+  return full.replace(history=put(full.history, state.history), logprobs=put(full.logprobs, state.logprobs),
+                      behaviour_logprobs=put(full.behaviour_logprobs, state.behaviour_logprobs),
+                      done=put(full.done, state.done))
+
+
 def attention_spans(capacity: int, min_span: int) -> list[int]:
   """Growing prefixes of the cache that decode steps attend: min_span, 2 min_span, 4 min_span, ..., capacity."""
   spans = [min_span << k for k in range(max(0, capacity - 1).bit_length()) if min_span << k < capacity]
@@ -94,8 +110,10 @@ class Sampler:
   """Generation for one model; jitted functions are compiled per shape and settings, and reused."""
 
   def __init__(self, model: Qwen25VL, mesh: jax.sharding.Mesh | None = None,
-               rules: sharding.Rules = sharding.DEFAULT_RULES, cache_dtype=None, min_span: int = 128):
+               rules: sharding.Rules = sharding.DEFAULT_RULES, cache_dtype=None, min_span: int = 128,
+               compaction_levels: int = 3):
     self.model = model
+    self.compaction_levels = compaction_levels   # how often a compacting decode may halve its batch
     self.min_span = min_span   # the smallest span of the cache a decode step attends (see attention_spans)
     self.mesh = mesh
     self.rules = rules
@@ -103,8 +121,9 @@ class Sampler:
     # The jitted programs (also what `safework.plan` compiles for a slice).
     self.jitted_prefill = jax.jit(self._prefill_fn, static_argnames=("capacity",))
     self._extend = jax.jit(self._extend_fn)
-    self._decode = jax.jit(self._decode_fn, static_argnames=("settings", "num_samples"), donate_argnames=("prefix",))
-    self._decode_keep = jax.jit(self._decode_fn, static_argnames=("settings", "num_samples"))
+    static = ("settings", "num_samples", "compact")
+    self._decode = jax.jit(self._decode_fn, static_argnames=static, donate_argnames=("prefix",))
+    self._decode_keep = jax.jit(self._decode_fn, static_argnames=static)
 
   # -- sharding -------------------------------------------------------------------------------------------------
 
@@ -184,7 +203,7 @@ class Sampler:
   # -- the decode loop -----------------------------------------------------------------------------------------
 
   def _decode_fn(self, params, prefix: Prefix, rng: jax.Array, first_row: jax.Array, settings: SamplingSettings,
-                 num_samples: int) -> SampleOutput:
+                 num_samples: int, compact: bool = False) -> SampleOutput:
     # Sample g of prefix row i draws from fold_in(fold_in(rng, first_row + i), g): its tokens do not depend on the
     # rows beside it, so generating a batch in chunks (first_row = the chunk's first row) samples the same.
     rows = prefix.key_valid.shape[0]
@@ -226,14 +245,37 @@ class Sampler:
                         logprobs=zeros, behaviour_logprobs=zeros, done=jnp.zeros(batch, bool), keys=keys)
     # A step attends the smallest span of the cache that holds its slot: the loop runs in stages of doubling spans,
     # so a step costs what the filled part of the cache costs (within 2x, from min_span on), not its capacity.
-    for span in attention_spans(prefix.capacity, self.min_span):
-      state = jax.lax.while_loop(lambda st, span=span: cond(st) & (st.prefix.write_index < span),
-                                 functools.partial(body, span=span), state)
-    generated = state.history[:, window - 1:]
+    # With compaction, once no more than half the rows are live they move into a batch half the size (finished
+    # rows stop costing); `rows` maps the batch's rows to the output's.
+    full, rows = state, jnp.arange(batch)
+    sizes = self._compaction_sizes(batch) if compact else [batch]
+    for level, size in enumerate(sizes):
+      smaller = sizes[level + 1] if level + 1 < len(sizes) else 0
+      for span in attention_spans(prefix.capacity, self.min_span):
+        state = jax.lax.while_loop(
+            lambda st, span=span: cond(st) & (st.prefix.write_index < span) & ((~st.done).sum() > smaller),
+            functools.partial(body, span=span), state)
+      full = _write_rows(full, rows, state)
+      if smaller:
+        live_first = jnp.argsort(state.done, stable=True)[:smaller]
+        rows = rows[live_first]
+        state = _take_rows(state, live_first, self._constrain_prefix)
+    generated = full.history[:, window - 1:]
     lengths = jnp.sum(generated != token_ops.NO_TOKEN, axis=1).astype(jnp.int32)
     tokens = jnp.where(generated == token_ops.NO_TOKEN, settings.pad_id, generated)
-    return SampleOutput(tokens=tokens, logprobs=state.logprobs, behaviour_logprobs=state.behaviour_logprobs,
-                        lengths=lengths, done=state.done, prefix=state.prefix)
+    return SampleOutput(tokens=tokens, logprobs=full.logprobs, behaviour_logprobs=full.behaviour_logprobs,
+                        lengths=lengths, done=full.done, prefix=None if compact else state.prefix)
+
+  def _compaction_sizes(self, batch: int) -> list[int]:
+    """Batch sizes the decode loop compacts to: halvings of `batch` that still split over the mesh's batch axes."""
+    shards = 1
+    if self.mesh is not None:
+      spec = sharding.partition_spec((batch,), ("batch",), self.mesh, self.rules)[0]
+      shards = math.prod(self.mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ()))
+    sizes = [batch]
+    while len(sizes) <= self.compaction_levels and sizes[-1] % 2 == 0 and (sizes[-1] // 2) % shards == 0:
+      sizes.append(sizes[-1] // 2)
+    return sizes
 
   # -- public API ----------------------------------------------------------------------------------------------
 
@@ -273,18 +315,21 @@ class Sampler:
     return self._extend(params, prefix, tokens, valid)
 
   def decode(self, params, prefix: Prefix, rng: jax.Array, settings: SamplingSettings, num_samples: int = 1,
-             keep_prefix: bool = False, first_row: int = 0) -> SampleOutput:
+             keep_prefix: bool = False, first_row: int = 0, compact: bool = False) -> SampleOutput:
     """Samples up to `settings.max_new_tokens` per row (x `num_samples`). Rows are ordered prompt-major.
 
     Row i samples with its own key, fold_in(rng, first_row + i): a batch generated in chunks (each with its
-    first row's index) gives exactly the samples of the whole batch at once.
+    first row's index) gives exactly the samples of the whole batch at once. With `compact`, finished rows stop
+    costing (the live ones move into a batch half the size, up to `compaction_levels` times); the samples are the
+    same, and no prefix is returned to continue from.
     """
     settings.validate()
     room = prefix.capacity - int(prefix.write_index)
     if settings.max_new_tokens > room:
       raise ValueError(f"the prefix has room for {room} new tokens, max_new_tokens={settings.max_new_tokens}")
     decode = self.jitted_decode(num_samples, keep_prefix)
-    return decode(params, prefix, rng, jnp.asarray(first_row, jnp.int32), settings=settings, num_samples=num_samples)
+    return decode(params, prefix, rng, jnp.asarray(first_row, jnp.int32), settings=settings, num_samples=num_samples,
+                  compact=compact)
 
   def jitted_decode(self, num_samples: int, keep_prefix: bool = False):
     """The decode program `decode` runs: it donates the prefix unless it is kept (with several samples per row the
@@ -292,7 +337,7 @@ class Sampler:
     return self._decode_keep if keep_prefix or num_samples > 1 else self._decode
 
   def generate(self, params, batch: dict[str, Any], rng: jax.Array, settings: SamplingSettings,
-               num_samples: int = 1, first_row: int = 0) -> SampleOutput:
+               num_samples: int = 1, first_row: int = 0, compact: bool = False) -> SampleOutput:
     """prefill + decode."""
     prefix = self.prefill(params, batch, settings.max_new_tokens)
-    return self.decode(params, prefix, rng, settings, num_samples, first_row=first_row)
+    return self.decode(params, prefix, rng, settings, num_samples, first_row=first_row, compact=compact)
