@@ -102,13 +102,14 @@ def _prompts(cfg, batch: int, prompt_len: int) -> dict:
   return dict(input_ids=ids, attention_mask=np.ones_like(ids))
 
 
-def _decode_time(sampler: Sampler, params, prefill, settings: SamplingSettings, repeats: int = 3) -> float:
-  """The fastest decode of a fresh prefix (donated and compacting, as the rollout decodes), the prefill not timed."""
+def _decode_time(sampler: Sampler, params, prefill, settings: SamplingSettings, compact: bool,
+                 repeats: int = 3) -> float:
+  """The fastest decode of a fresh prefix (donated), the prefill not timed."""
   best = float("inf")
   for _ in range(repeats + 1):   # the first run compiles
     prefix = jax.block_until_ready(prefill())
     start = time.perf_counter()
-    jax.block_until_ready(sampler.decode(params, prefix, jax.random.key(1), settings, compact=True).tokens)
+    jax.block_until_ready(sampler.decode(params, prefix, jax.random.key(1), settings, compact=compact).tokens)
     best = min(best, time.perf_counter() - start)
   return best
 
@@ -126,7 +127,7 @@ def cache_cost(preset: str, batch: int, prompt_len: int, gen_len: int, dtype: st
       if extra < 0:
         raise ValueError(f"capacity {capacity} is below the prompt bucket + gen_len")
       prefill = lambda: sampler.prefill(params, _prompts(cfg, batch, prompt_len), gen_len, extra_slots=extra)
-      times[capacity] = _decode_time(sampler, params, prefill, settings) / gen_len
+      times[capacity] = _decode_time(sampler, params, prefill, settings, compact=False) / gen_len
   small, large = capacities
   return {"case": "cache_cost", "preset": preset, "dtype": dtype, "batch": batch, "filled": bucket_length(prompt_len)
           + gen_len, **{f"step_ms_capacity_{c}": 1e3 * t for c, t in times.items()},
@@ -157,8 +158,8 @@ def ragged(preset: str, batch: int, prompt_len: int, dtype: str, short_len: int 
     def total(rows: int, short_rows: int) -> float:
       settings = SamplingSettings(max_new_tokens=long_len, temperature=1.0, eos_ids=(eos,),
                                   logits_processor=_stop_short_rows(short_rows, short_len, eos))
-      return _decode_time(sampler, params, lambda: sampler.prefill(params, _prompts(cfg, rows, prompt_len),
-                                                                    long_len), settings, repeats=2)
+      prefill = lambda: sampler.prefill(params, _prompts(cfg, rows, prompt_len), long_len)
+      return _decode_time(sampler, params, prefill, settings, compact=True, repeats=2)   # as the rollout decodes
     mixed, alone = total(batch, batch - long_rows), total(long_rows, 0)
   return {"case": "ragged", "preset": preset, "dtype": dtype, "rows": batch, "long_rows": long_rows,
           "short_len": short_len, "long_len": long_len, "mixed_s": mixed, "long_rows_alone_s": alone,

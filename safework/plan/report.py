@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Sequence
 
 from safework.plan.topology import Topology
 
@@ -106,6 +105,3 @@ class Plan:
                         f"turn {self.knobs.get(name, 'the mesh (more chips)')}")
     return "DOES NOT FIT: " + "; ".join(problems)
 
-
-def summarize(plans: Sequence[Plan]) -> str:
-  return "\n\n".join(p.table() for p in plans)
