@@ -29,7 +29,8 @@ JUDGE_PRESETS = {"safety": "7b", "value": "72b", "knowledge": "72b"}
 # safework_r1.md section 2: prompts and responses up to 8192 tokens (RolloutSettings' defaults are shorter).
 # Generation runs 8 prompts (64 rows) at a time from a bf16 copy of the policy: with the paper's lengths the
 # whole rollout at once would need ~620 GB of KV cache at 3B (python -m safework.plan; benchmarks/PLAN.md).
-PAPER_ROLLOUT = dict(max_new_tokens=8192, max_prompt_length=8192, generation_prompts=8, sampling_dtype="bfloat16")
+PAPER_ROLLOUT = dict(max_new_tokens=8192, max_prompt_length=8192, generation_prompts=8, sampling_dtype="bfloat16",
+                     compaction_levels=3)
 
 
 def validate_variant(variant: str) -> str:

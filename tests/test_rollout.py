@@ -146,7 +146,7 @@ def test_generating_in_chunks_samples_exactly_what_one_batch_does(processor):
   sample = lambda s: sample_round(examples, params, jax.random.key(5), sampler=Sampler(model), processor=processor,
                                   reward_fn=no_reward, settings=s, sampling=sampling)
   whole = sample(settings)
-  chunked = sample(dataclasses.replace(settings, generation_prompts=3))   # 3 + 3 + 1 (padded to 3) prompts
+  chunked = sample(dataclasses.replace(settings, generation_prompts=3, compaction_levels=2))   # 3 + 3 + 1 prompts
   for name, value in whole.outputs.items():
     np.testing.assert_allclose(chunked.outputs[name], value, atol=1e-5, err_msg=name)
   assert len(set(map(tuple, whole.outputs["responses"]))) > 7   # the samples differ

@@ -232,7 +232,7 @@ class StagePrograms:
         if r.sampling_dtype or r.sampling_replicated else resident
     gen_prompt = dataclasses.replace(prompt, rows=chunk)
     gen_arrays = synthetic_prompts(cfg, gen_prompt)
-    sampler = Sampler(self.model, mesh=self.mesh, rules=self.rules)
+    sampler = Sampler(self.model, mesh=self.mesh, rules=self.rules, compaction_levels=r.compaction_levels)
     prepared, _ = _vision_inputs(cfg, gen_arrays)
     capacity = prompt.length + r.max_new_tokens
     prefill_args = (sampled, self._host(gen_arrays["input_ids"]), self._host(gen_arrays["attention_mask"]),
@@ -257,7 +257,8 @@ class StagePrograms:
     programs.append(Program("decode", sampler.jitted_decode(r.samples_per_prompt), (sampled, prefix, key, first_row),
                             ("sampling params", "prompt cache", "rng", "first row"),
                             knob + " or rollout.max_new_tokens", decode_work,
-                            static={"settings": settings, "num_samples": r.samples_per_prompt, "compact": True},
+                            static={"settings": settings, "num_samples": r.samples_per_prompt,
+                                    "compact": r.compaction_levels > 0},
                             resident=generating))
 
     rows, micro, length = r.rows, train.micro_batch_size or r.minibatch_size, prompt.length + r.max_new_tokens

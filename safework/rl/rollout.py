@@ -64,6 +64,9 @@ class RolloutSettings:
   # and, with sampling_replicated, replicated over the fsdp axis (no weight all-gathers per decode step).
   sampling_dtype: str | None = None
   sampling_replicated: bool = False
+  # Rows that finish early stop costing: the decode moves the live rows into a batch half the size up to this many
+  # times (0: off). Each level is more loop bodies to compile, and its copies cost temporaries (see the planner).
+  compaction_levels: int = 0
   dynamic_sampling: bool = False  # DAPO: replace groups with all-equal rewards by freshly sampled ones
   max_sampling_rounds: int = 3
   overlong: str = "none"         # responses cut at max_new_tokens: "none", "mask" (no loss) or "soft" (penalty)
@@ -102,6 +105,8 @@ class RolloutSettings:
         jnp.dtype(self.sampling_dtype)
       except TypeError:
         raise ValueError(f"sampling_dtype={self.sampling_dtype!r} is not a dtype (bfloat16, float32)") from None
+    if self.compaction_levels < 0:
+      raise ValueError(f"compaction_levels must be 0 (off) or more, got {self.compaction_levels}")
     if self.generation_prompts is not None and self.generation_prompts < 1:
       raise ValueError(f"generation_prompts must be positive (or None), got {self.generation_prompts}")
     if self.max_sampling_rounds < 1 or self.length_scale <= 0:
@@ -209,8 +214,8 @@ def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler
   """Samples G responses per prompt and scores them.
 
   Prompts are generated `generation_prompts` at a time (the last chunk padded with repeats, one compiled shape);
-  every prompt samples with its own key, so the chunking does not change the samples. Rows that finish early stop
-  costing (the sampler compacts the live rows).
+  every prompt samples with its own key, so the chunking does not change the samples. With `compaction_levels`,
+  rows that finish early stop costing (the sampler compacts the live rows).
   """
   prompts = PromptBatch.of(examples, processor, settings.max_prompt_length, settings.image_multiple)
   chunk = min(settings.generation_prompts or len(examples), len(examples))
@@ -221,7 +226,7 @@ def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler
         [examples[i] for i in rows + rows[:1] * (chunk - len(rows))], processor, settings.max_prompt_length,
         settings.image_multiple, width=prompts.input_ids.shape[1])
     out = sampler.generate(params, part.arrays(), rng, sampling, num_samples=settings.samples_per_prompt,
-                           first_row=start, compact=True)
+                           first_row=start, compact=settings.compaction_levels > 0)
     kept = len(rows) * settings.samples_per_prompt
     parts.append({name: distributed.host_array(value)[:kept] for name, value in (
         ("responses", out.tokens), ("lengths", out.lengths), ("done", out.done), ("policy_logp", out.logprobs),

@@ -37,7 +37,7 @@ class RolloutSource:
     self.settings, self.loss, self.sampling, self.seed = settings, loss, sampling, seed
     self.mesh, self.rules, self.vision_trainable, self.ref_params = mesh, rules, vision_trainable, ref_params
     self.stream = ShuffledStream(prompts, seed)
-    self.sampler = Sampler(model, mesh=mesh, rules=rules)
+    self.sampler = Sampler(model, mesh=mesh, rules=rules, compaction_levels=settings.compaction_levels)
     self._sampling_copy = settings.sampling_copy(model, mesh, rules)
     self.total_steps, self.batch_size = settings.num_rollouts * settings.steps, settings.minibatch_size
     self._logprobs = jax.jit(make_logprob_fn(model, settings.rows // micro_batch_size, logprob_chunk,
