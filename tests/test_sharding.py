@@ -48,8 +48,8 @@ def test_checkpoint_loads_straight_into_shards(hf_checkpoints):
   shardings_of = lambda model: sharding.param_shardings(abstract_params(model), mesh, sharding.DEFAULT_RULES)
   model, params = from_pretrained(path, shardings=shardings_of)
   _, plain = from_pretrained(path)
-  qkv = params["visual"]["blocks_0"]["qkv"]["kernel"]
-  assert qkv.sharding.spec == P("fsdp", None, "tensor", None)   # heads split across the fused q/k/v rows
+  qkv = params["visual"]["blocks"]["qkv"]["kernel"]
+  assert qkv.sharding.spec == P(None, "fsdp", None, "tensor", None)   # layers; heads split across fused q/k/v rows
   jax.tree.map(np.testing.assert_array_equal, params, plain)
   grids = [(1, 4, 6)]
   arrays = dict(input_ids=np.array([ref.image_prompt(grids, [10, 11])]),

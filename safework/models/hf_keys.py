@@ -1,9 +1,9 @@
 """The correspondence between our parameter tree and Hugging Face checkpoint tensors.
 
-Each of our parameters maps to one checkpoint tensor, or, for the scanned decoder layers (stacked along a leading
-layers axis), to one tensor per layer (`HfTensor.layers`; the key holds a `{layer}` field). A `Linear` weight is stored (out, in) by PyTorch; our
-kernels are (in..., out...) with heads split out, so conversion is a transpose plus reshapes, described by how many
-leading kernel dimensions are inputs (`num_in`). Checkpoints on disk use the legacy key layout (`model.*`,
+Each of our parameters maps to one checkpoint tensor, or, for the scanned decoder layers and vision blocks (stacked
+along a leading layers axis), to one tensor per layer (`HfTensor.layers`; the key holds a `{layer}` field). A
+`Linear` weight is stored (out, in) by PyTorch; our kernels are (in..., out...) with heads split out, so conversion
+is a transpose plus reshapes, described by how many leading kernel dimensions are inputs (`num_in`). Checkpoints on disk use the legacy key layout (`model.*`,
 `visual.*`, `lm_head.*`); the post-4.52 in-memory layout (`model.language_model.*`, `model.visual.*`) is accepted
 on load.
 """
@@ -88,15 +88,16 @@ def hf_tensor_map(cfg: ModelConfig) -> dict[ParamPath, HfTensor]:
 
   out[("visual", "patch_embed", "kernel")] = HfTensor(
       "visual.patch_embed.proj.weight", (c, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), 1)
-  for i in range(v.depth):
-    p, key = ("visual", f"blocks_{i}"), f"visual.blocks.{i}"
-    out[p + ("norm1", "scale")] = _plain(f"{key}.norm1.weight", (c,))
-    out[p + ("norm2", "scale")] = _plain(f"{key}.norm2.weight", (c,))
-    out[p + ("qkv", "kernel")] = _linear(f"{key}.attn.qkv.weight", (c, 3, vn, vh), 1)
-    out[p + ("qkv", "bias")] = _plain(f"{key}.attn.qkv.bias", (3, vn, vh))
-    out[p + ("proj", "kernel")] = _linear(f"{key}.attn.proj.weight", (vn, vh, c), 2)
-    out[p + ("proj", "bias")] = _plain(f"{key}.attn.proj.bias", (c,))
-    mlp(out, p + ("mlp",), f"{key}.mlp", c, vf, bias=True)
+  block: dict[ParamPath, HfTensor] = {}   # one vision block; its parameters stack all blocks
+  p, key = ("visual", "blocks"), "visual.blocks.{layer}"
+  block[p + ("norm1", "scale")] = _plain(f"{key}.norm1.weight", (c,))
+  block[p + ("norm2", "scale")] = _plain(f"{key}.norm2.weight", (c,))
+  block[p + ("qkv", "kernel")] = _linear(f"{key}.attn.qkv.weight", (c, 3, vn, vh), 1)
+  block[p + ("qkv", "bias")] = _plain(f"{key}.attn.qkv.bias", (3, vn, vh))
+  block[p + ("proj", "kernel")] = _linear(f"{key}.attn.proj.weight", (vn, vh, c), 2)
+  block[p + ("proj", "bias")] = _plain(f"{key}.attn.proj.bias", (c,))
+  mlp(block, p + ("mlp",), f"{key}.mlp", c, vf, bias=True)
+  out.update({path: dataclasses.replace(entry, layers=v.depth) for path, entry in block.items()})
   merger = ("visual", "merger")
   out[merger + ("ln_q", "scale")] = _plain("visual.merger.ln_q.weight", (c,))
   for name, index, shape in (("fc1", 0, (wide, wide)), ("fc2", 2, (wide, d))):

@@ -2,7 +2,8 @@
 
 Images and videos of any sizes are concatenated along patches; `VisionLayout` (host-side numpy) carries the
 window permutation and the attention segments, so the tower itself is a static-shape function of
-`(pixel_values [P, C*T*14*14], layout)` and returns merged-token features [M, D] in the processor's order.
+`(pixel_values [P, C*T*14*14], layout)` and returns merged-token features [M, D] in the processor's order. The
+blocks are one `nn.scan` (parameters stacked along "layers"); each layer's flag selects window or full attention.
 
 Axis legend: P patches, M merged tokens, C vision hidden, N heads, H head dim, F MLP width, D decoder hidden.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from safework.models import rope
 from safework.models.attention import segment_attention
@@ -28,7 +30,9 @@ class VisionBlock(nn.Module):
   attention: str = "einsum"
 
   @nn.compact
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: SegmentBlocks) -> jax.Array:
+  def __call__(self, x: jax.Array, full_attention: jax.Array, cos: jax.Array, sin: jax.Array,
+               windows: SegmentBlocks, frames: SegmentBlocks) -> tuple[jax.Array, None]:
+    """Block on the scan's carry x [P, C]; `full_attention` (this layer's flag) picks whole frames over windows."""
     c, n, h = self.cfg.hidden_size, self.cfg.num_heads, self.cfg.head_dim
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: RMSNorm(c, self.cfg.rms_norm_eps, "vision_embed", name=name, **common)
@@ -39,12 +43,13 @@ class VisionBlock(nn.Module):
     # The vision tower rotates in fp32 (unlike the decoder) and casts back.
     q = rope.apply_rope(q.astype(jnp.float32), cos, sin).astype(q.dtype)
     k = rope.apply_rope(k.astype(jnp.float32), cos, sin).astype(k.dtype)
-    attended = segment_attention(q, k, v, segments, self.attention)
+    attended = jax.lax.cond(full_attention, lambda: segment_attention(q, k, v, frames, self.attention),
+                            lambda: segment_attention(q, k, v, windows, self.attention))
     x = x + Einsum("pnh,nhc->pc", (n, h, c), ("vision_heads", "head_dim", "vision_embed"), bias_rank=1,
                    name="proj", **common)(attended)
     mlp = GatedMLP(c, self.cfg.intermediate_size, use_bias=True, embed_axis="vision_embed", mlp_axis="vision_mlp",
                    name="mlp", **common)
-    return x + mlp(norm("norm2")(x))
+    return x + mlp(norm("norm2")(x)), None
 
 
 class PatchMerger(nn.Module):
@@ -83,10 +88,12 @@ class VisionTower(nn.Module):
                **common)(pixel_values)
     x = x[jnp.asarray(layout.window_order)]
     cos, sin = rope.vision_cos_sin(jnp.asarray(layout.positions), cfg.rope_theta, cfg.head_dim)
-    block = remat_module(VisionBlock, self.remat_policy)
-    full = set(cfg.fullatt_block_indexes)
-    for i in range(cfg.depth):
-      segments = layout.frames if i in full else layout.windows
-      x = block(cfg, name=f"blocks_{i}", attention=self.attention, **common)(x, cos, sin, segments)
+    block = remat_module(VisionBlock, self.remat_policy, in_scan=True)
+    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth,
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    full_attention = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
+    x, _ = blocks(cfg, name="blocks", attention=self.attention, **common)(
+        x, jnp.asarray(full_attention), cos, sin, layout.windows, layout.frames)
     merged = PatchMerger(cfg, name="merger", **common)(x)
     return merged[jnp.asarray(layout.merged_restore)]
