@@ -29,7 +29,8 @@ class PolicySettings:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
-  attention: str = "einsum"       # "blockwise" (flash attention in JAX) for long sequences; see models.text.attend
+  attention: str = "einsum"       # the reference; splash on TPU, dot_product (cuDNN) on GPU, blockwise (flash in
+                                  # plain JAX) anywhere; see models.text.attend
   min_pixels: int = 56 * 56       # image budget of the processor for presets (checkpoints bring their own)
   max_pixels: int = 28 * 28 * 64
 

@@ -1,4 +1,5 @@
-"""Blockwise (flash) attention against the einsum reference: values, gradients, and through the model."""
+"""The attention kernels (blockwise flash attention in JAX, jax.nn.dot_product_attention, Pallas splash in its
+interpreter) against the einsum reference: values, gradients, under a mesh, and through the model."""
 
 import flax.linen as nn
 import jax
@@ -7,41 +8,65 @@ import numpy as np
 import pytest
 
 from safework.models import Qwen25VL, get_preset, init_params
-from safework.models.attention import blockwise_attention, grouped_query_attention
+from safework import sharding
+from safework.models.attention import blockwise_attention, dot_product_attention, grouped_query_attention
+from safework.models.splash import splash_attention
 from safework.models.inputs import prepare_inputs
 from safework.models.text import causal_padding_mask
 from safework.rl.batch import build_sequences, prompt_feature_index
 from safework.rl.logprobs import response_logprobs
 
 
-@pytest.mark.parametrize("query_start,causal,block", [(0, True, 4), (6, True, 3), (0, False, 16)])
-def test_blockwise_equals_einsum_values_and_gradients(query_start, causal, block):
+KERNELS = {
+    "blockwise": lambda q, k, v, valid, query_start, causal, block: blockwise_attention(
+        q, k, v, valid, query_start, causal=causal, block=block),
+    "dot_product": lambda q, k, v, valid, query_start, causal, block: dot_product_attention(
+        q, k, v, _mask(valid, query_start, q.shape[1], causal)),
+    "splash": lambda q, k, v, valid, query_start, causal, block: splash_attention(q, k, v, valid, causal=causal),
+}
+
+
+def _mask(valid, query_start, t, causal):
+  b, s = valid.shape
+  return causal_padding_mask(valid, query_start, t) if causal else jnp.broadcast_to(valid[:, None], (b, t, s))
+
+
+@pytest.mark.parametrize("kind,query_start,causal,block", [
+    ("blockwise", 0, True, 4), ("blockwise", 6, True, 3), ("blockwise", 0, False, 16),
+    ("dot_product", 6, True, 0), ("dot_product", 0, False, 0),
+    ("splash", 0, True, 0), ("splash", 0, False, 0)])
+def test_kernels_equal_einsum_values_and_gradients(kind, query_start, causal, block):
   rng = np.random.default_rng(0)
-  b, t, s, n, kv, h = 3, 5, 11, 4, 2, 8
+  self_attention = kind == "splash"   # splash serves a block attending its own keys
+  b, t, s, n, kv, h = 3, 5 if not self_attention else 11, 11, 4, 2, 8
   q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((b, t, n, h), (b, s, kv, h), (b, s, kv, h)))
   valid = np.ones((b, s), bool)
   valid[0, :3] = False           # left padding
   valid[2, 4:] = False           # a short row: its late queries see only early keys
-  valid[1] = False               # no key at all: a padding row, whose output is zeros
+  valid[1] = False               # no key at all: a padding row, whose output is unused
   valid = jnp.asarray(valid)
-  mask = causal_padding_mask(valid, query_start, t) if causal else jnp.broadcast_to(valid[:, None], (b, t, s))
+  mask = _mask(valid, query_start, t, causal)
   seen = np.asarray(mask.any(-1))
+  if self_attention:              # a padding query's output is unused (rows read only valid slots)
+    seen = seen & np.asarray(valid)
   weights = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) * seen[..., None, None]
 
   def loss(fn):
     return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
 
   reference = lambda q, k, v: grouped_query_attention(q, k, v, mask)
-  blockwise = lambda q, k, v: blockwise_attention(q, k, v, valid, query_start, causal=causal, block=block)
-  np.testing.assert_allclose(np.asarray(blockwise(q, k, v))[seen], np.asarray(reference(q, k, v))[seen], atol=2e-6)
-  assert not np.asarray(blockwise(q, k, v))[1].any()
+  kernel = lambda q, k, v: KERNELS[kind](q, k, v, valid, query_start, causal, block)
+  np.testing.assert_allclose(np.asarray(kernel(q, k, v))[seen], np.asarray(reference(q, k, v))[seen], atol=2e-6)
+  if kind == "blockwise":
+    assert not np.asarray(kernel(q, k, v))[1].any()   # no visible key: zeros
   expected = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
-  got = jax.grad(loss(blockwise), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v)
   for g, e in zip(got, expected):
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=5e-6)
 
 
-def test_the_training_log_probs_and_their_gradients_agree_through_the_model():
+@pytest.mark.parametrize("kind", ["blockwise", "dot_product", "splash"])
+def test_the_training_log_probs_and_their_gradients_agree_through_the_model(kind):
   cfg = get_preset("tiny")
   einsum = Qwen25VL(cfg)
   params = nn.meta.unbox(init_params(einsum, jax.random.key(0)))
@@ -63,12 +88,18 @@ def test_the_training_log_probs_and_their_gradients_agree_through_the_model():
     return jax.jit(jax.value_and_grad(f, has_aux=True))
 
   (_, expected), expected_grad = total(einsum)(params)
-  (_, got), got_grad = total(einsum.clone(attention="blockwise"))(params)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-5)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})   # splash runs per shard under shard_map
+  with jax.set_mesh(mesh):
+    (_, got), got_grad = total(einsum.clone(attention=kind))(params)
+  # Splash lets a padding query see only padding keys, so log-probs agree where they count (the loss mask).
+  compared = np.asarray(batch.loss_mask, bool) if kind == "splash" else np.ones(np.shape(got), bool)
+  assert compared.sum() > 40
+  np.testing.assert_allclose(np.asarray(got)[compared], np.asarray(expected)[compared], atol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), got_grad, expected_grad)
 
 
-def test_the_vision_tower_encodes_alike_with_blockwise_attention():
+@pytest.mark.parametrize("kind", ["blockwise", "dot_product", "splash"])
+def test_the_vision_tower_encodes_alike_with_each_kernel(kind):
   cfg = get_preset("tiny")
   model = Qwen25VL(cfg)
   params = nn.meta.unbox(init_params(model, jax.random.key(0)))
@@ -78,5 +109,5 @@ def test_the_vision_tower_encodes_alike_with_blockwise_attention():
   layout = prepare_inputs(cfg, np.array([[cfg.image_token_id] * (patches // 4)]), image_grid_thw=grids,
                           pixel_values=pixels).image_layout
   encode = lambda m: m.apply({"params": params}, pixels, layout, method=Qwen25VL.encode_vision)
-  np.testing.assert_allclose(np.asarray(encode(model.clone(attention="blockwise"))), np.asarray(encode(model)),
-                             atol=2e-5)
+  assert layout.frames.blocks.shape[1] >= 128   # the largest frame takes the splash kernel, not its einsum fallback
+  np.testing.assert_allclose(np.asarray(encode(model.clone(attention=kind))), np.asarray(encode(model)), atol=2e-5)

@@ -1,5 +1,7 @@
 """Attention kernels: grouped-query causal attention and segment-blocked attention, as plain einsums (the
-reference) and as blockwise flash attention (for long sequences and large frames).
+reference), as blockwise flash attention in JAX (for long sequences and large frames), through
+`jax.nn.dot_product_attention` (cuDNN's fused flash attention on GPU) and through Pallas splash attention on TPU
+(`models.splash`).
 
 The einsum kernels keep transformers' eager numerics: scores in the activation dtype, softmax in fp32,
 probabilities cast back before the product with V; masked scores take the dtype's finite minimum, so a fully
@@ -16,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from safework.models import splash
 from safework.models.vision_layout import SegmentBlocks
 
 
@@ -38,12 +41,20 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
   return out.reshape(b, t, n, h)
 
 
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`grouped_query_attention` through `jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU in bf16/fp16
+  (the mask enters as a bias), XLA's implementation elsewhere. mask [B or 1, T, S]."""
+  on_cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn" if on_cudnn else "xla")
+
+
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: SegmentBlocks, kind: str = "einsum"
                       ) -> jax.Array:
   """Bidirectional attention within segments. q/k/v [P, N, H] -> [P, N, H].
 
-  einsum scores each segment's [L, L] at once; blockwise (flash attention) a block of keys at a time, for the
-  full-attention blocks whose segments are whole frames (thousands of patches at the paper's image sizes).
+  einsum scores each segment's [L, L] at once; blockwise (flash attention), dot_product (cuDNN on GPU) and splash
+  (TPU) serve the full-attention blocks whose segments are whole frames (thousands of patches at the paper's image
+  sizes). Segments shorter than one splash block (the 64-patch windows) take einsum under splash.
   """
   p = q.shape[0]
   blocks = jnp.asarray(segments.blocks)
@@ -52,11 +63,16 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: Segmen
     return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[blocks]
 
   qb, kb, vb = gather(q), gather(k), gather(v)
+  valid = blocks < p
   if kind == "blockwise":
-    out = blockwise_attention(qb, kb, vb, blocks < p, causal=False)
+    out = blockwise_attention(qb, kb, vb, valid, causal=False)
+  elif kind == "dot_product":
+    out = dot_product_attention(qb, kb, vb, valid[:, None, :])
+  elif kind == "splash" and blocks.shape[1] >= splash.KERNEL_BLOCK:
+    out = splash.splash_attention(qb, kb, vb, valid, causal=False)
   else:
     scores = jnp.einsum("rqnh,rknh->rnqk", qb, kb) * jnp.asarray(q.shape[-1]**-0.5, q.dtype)
-    probs = _masked_softmax(scores, (blocks < p)[:, None, None, :], q.dtype)
+    probs = _masked_softmax(scores, valid[:, None, None, :], q.dtype)
     out = jnp.einsum("rnqk,rknh->rqnh", probs, vb)
   return out.reshape((-1,) + out.shape[2:])[jnp.asarray(segments.slots)]
 

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from safework.models import rope
-from safework.models.attention import blockwise_attention, grouped_query_attention
+from safework.models.attention import blockwise_attention, dot_product_attention, grouped_query_attention
+from safework.models.splash import splash_attention
 from safework.models.config import TextConfig
 from safework.models.layers import Dtype, Einsum, GatedMLP, RMSNorm
 from safework.models.remat import remat_module
@@ -39,7 +40,7 @@ def causal_padding_mask(key_valid: jax.Array, query_start: jax.Array | int, num_
   return (slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :].astype(bool)
 
 
-ATTENTION = ("einsum", "blockwise")
+ATTENTION = ("einsum", "blockwise", "dot_product", "splash")
 
 
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, key_valid: jax.Array, query_start, kind: str
@@ -47,11 +48,19 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, key_valid: jax.Arra
   """Causal attention of queries at slots query_start + t over keys [B, S] (valid where `key_valid`).
 
   einsum: the reference (the [T, S] scores at once); blockwise: flash attention in JAX (scores a block of keys at
-  a time), for long sequences. One query (a decode step) has no [T, S] problem: it always takes einsum.
+  a time); dot_product: `jax.nn.dot_product_attention` (cuDNN flash attention on GPU); splash: the Pallas TPU
+  kernel, for self-attention (a block attending its own keys: training, prefill); a block attending a cache prefix
+  from another slot takes blockwise under splash, since splash's masks are static. One query (a decode step) has
+  no [T, S] problem: it always takes einsum.
   """
-  if kind == "blockwise" and q.shape[1] > 1:
-    return blockwise_attention(q, keys, values, key_valid, query_start)
-  return grouped_query_attention(q, keys, values, causal_padding_mask(key_valid, query_start, q.shape[1]))
+  t = q.shape[1]
+  if t == 1 or kind == "einsum":
+    return grouped_query_attention(q, keys, values, causal_padding_mask(key_valid, query_start, t))
+  if kind == "dot_product":
+    return dot_product_attention(q, keys, values, causal_padding_mask(key_valid, query_start, t))
+  if kind == "splash" and isinstance(query_start, int) and query_start == 0 and keys.shape[1] == t:
+    return splash_attention(q, keys, values, key_valid)
+  return blockwise_attention(q, keys, values, key_valid, query_start)
 
 
 class DecoderLayer(nn.Module):
