@@ -29,8 +29,9 @@ JUDGE_PRESETS = {"safety": "7b", "value": "72b", "knowledge": "72b"}
 # safework_r1.md section 2: prompts and responses up to 8192 tokens (RolloutSettings' defaults are shorter).
 # Generation runs 8 prompts (64 rows) at a time from a bf16 copy of the policy: with the paper's lengths the
 # whole rollout at once would need ~620 GB of KV cache at 3B (python -m safework.plan; benchmarks/PLAN.md).
+# Training rows keep 1024 * 2^k response columns (the rollout's longest rounded up), not all 8192.
 PAPER_ROLLOUT = dict(max_new_tokens=8192, max_prompt_length=8192, generation_prompts=8, sampling_dtype="bfloat16",
-                     compaction_levels=3)
+                     compaction_levels=3, response_bucket=1024)
 
 
 def validate_variant(variant: str) -> str:
@@ -53,8 +54,9 @@ def base(variant: str, init: str | None) -> ml_collections.ConfigDict:
   config.mesh = dict(MESHES[validate_variant(variant)])
   config.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
   tiny = variant == "tiny"
+  # Splash attention: the paper's slices are TPUs (on GPUs set model.attention=dot_product, cuDNN's kernel).
   config.model = section(PolicySettings, preset=variant, checkpoint=init, dtype="float32" if tiny else "bfloat16",
-                         remat="none" if tiny else "full", attention="einsum" if tiny else "blockwise",
+                         remat="none" if tiny else "full", attention="einsum" if tiny else "splash",
                          max_pixels=28 * 28 * (64 if tiny else 1280))
   return config
 

@@ -31,7 +31,7 @@ class EvalSettings:
   max_new_tokens: int = 64
   batch_size: int = 32
   max_prompt_length: int = 512
-  image_multiple: int = 8
+  bucket_images: int = 4         # sizes per octave of a batch's image patches (a blank image pads up); 0: none
 
 
 def generate_greedy(model: Qwen25VL, params, processor: Processor, examples: Sequence[Example],
@@ -49,7 +49,7 @@ def generate_greedy(model: Qwen25VL, params, processor: Processor, examples: Seq
   for start in tqdm.tqdm(starts, desc="eval", dynamic_ncols=True, disable=jax.process_index() != 0):
     chunk = list(examples[start:start + settings.batch_size])
     rows = chunk + [chunk[0]] * (settings.batch_size - len(chunk))
-    batch = PromptBatch.of(rows, processor, settings.max_prompt_length, settings.image_multiple)
+    batch = PromptBatch.of(rows, processor, settings.max_prompt_length, settings.bucket_images)
     out = sampler.generate(params, batch.arrays(), jax.random.key(0), sampling)
     texts += decode_rows(tokenizer, out.tokens, out.lengths)[:len(chunk)]
     lengths += distributed.host_array(out.lengths)[:len(chunk)].tolist()

@@ -18,6 +18,7 @@ import numpy as np
 from safework import distributed, sharding
 from safework.data.example import Example, from_wire, to_wire
 from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.vision_shards import ShardAxes, shard_axes
 from safework.processing import Processor
 from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, prompt_sequences
 from safework.sampling.prompts import PromptBatch
@@ -34,7 +35,7 @@ class SFTSettings:
   batch_size: int = 32
   prompt_length: int = 2048       # every prompt is left-padded to exactly this (fixed shapes: one compile)
   response_length: int = 2048     # every trace is cut or right-padded to exactly this
-  image_multiple: int = 8
+  bucket_images: int = 4         # sizes per octave of a batch's image patches (a blank image pads up); 0: none
 
   def validate(self) -> "SFTSettings":
     if min(self.steps, self.batch_size, self.prompt_length, self.response_length) < 1:
@@ -43,9 +44,9 @@ class SFTSettings:
 
 
 def sft_rows(examples: Sequence[Example], traces: Sequence[str], processor: Processor, model_config,
-             settings: SFTSettings) -> tuple[SequenceBatch, VisionInputs]:
-  """Training rows (prompt + trace + end-of-turn) for a batch of traces."""
-  prompts = PromptBatch.of(examples, processor, settings.prompt_length, settings.image_multiple,
+             settings: SFTSettings, vision_shards: ShardAxes | None = None) -> tuple[SequenceBatch, VisionInputs]:
+  """Training rows (prompt + trace + end-of-turn) for a batch of traces; the images are dealt to `vision_shards`."""
+  prompts = PromptBatch.of(examples, processor, settings.prompt_length, settings.bucket_images,
                            width=settings.prompt_length)
   tokenizer = processor.tokenizer
   end = tokenizer.eos_token or "<|im_end|>"
@@ -55,7 +56,7 @@ def sft_rows(examples: Sequence[Example], traces: Sequence[str], processor: Proc
     tokens[i, :len(r)] = r
   lengths = np.array([len(r) for r in responses], np.int32)
   return prompt_sequences(prompts, model_config, tokens, lengths, np.zeros(tokens.shape, np.float32),
-                          np.zeros(len(tokens), np.float32))
+                          np.zeros(len(tokens), np.float32), vision_shards=vision_shards)
 
 
 class TraceSource(StepSource):
@@ -79,7 +80,7 @@ class TraceSource(StepSource):
   def batch(self, step: int, params) -> StepBatch:
     pairs = self.examples(step)
     rows, vision = sft_rows([e for e, _ in pairs], [t for _, t in pairs], self.processor, self.model_config,
-                            self.settings)
+                            self.settings, shard_axes(self.mesh, self.rules))
     place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))
     return StepBatch(rows=jax.tree.map(place, rows),
                      context=VisionContext(vision=jax.device_put(vision, sharding.replicated(self.mesh))),

@@ -34,9 +34,9 @@ def judge(chat_checkpoint):
 
 def test_verdict_head_equals_transformers_next_token_probabilities(judge, chat_checkpoint):
   model, params, processor = judge
-  verifier = ModelVerifier(model, params, processor, SAFETY, batch_size=4, image_multiple=1)
+  verifier = ModelVerifier(model, params, processor, SAFETY, batch_size=4, bucket_images=0)
   ours = verifier.verdict_logprobs(EXAMPLES, RESPONSES)
-  padded = ModelVerifier(model, params, processor, SAFETY, batch_size=4, image_multiple=4)
+  padded = ModelVerifier(model, params, processor, SAFETY, batch_size=4, bucket_images=8)
   np.testing.assert_allclose(padded.verdict_logprobs(EXAMPLES, RESPONSES), ours, atol=1e-6)   # blank images: no effect
   hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(chat_checkpoint,
                                                                        attn_implementation="eager").eval()

@@ -15,7 +15,7 @@ from safework.processing import Processor
 from safework.rewards.base import Rewards
 from safework.rl import losses
 from safework.rl.rollout import (Rollout, RolloutSettings, _Round, assemble, behaviour_ratio_stats,
-                                 overlong_shaping, sample_round)
+                                 overlong_shaping, response_width, sample_round, training_rows)
 from safework.sampling import PromptBatch, Sampler, SamplingSettings
 from safework.stages import from_config
 from safework.tasks import get_task
@@ -23,7 +23,7 @@ from safework.training import Checkpointer, read_metrics
 
 G, N = 2, 5
 SETTINGS = RolloutSettings(prompts_per_rollout=4, samples_per_prompt=G, max_new_tokens=N, minibatch_size=8,
-                           max_prompt_length=64, image_multiple=1)
+                           max_prompt_length=64, bucket_images=0)
 
 
 def _round(processor, offset: int, group_rewards: list[float], equal: list[bool]) -> _Round:
@@ -35,7 +35,7 @@ def _round(processor, offset: int, group_rewards: list[float], equal: list[bool]
              "policy_logp": np.full((rows, N), -1.0, np.float32),
              "behaviour_logp": np.full((rows, N), -1.0, np.float32)}
   scored = Rewards(total=rewards, components={"format": np.ones(rows, np.float32)})
-  return _Round(examples, PromptBatch.of(examples, processor, 64, 1), outputs, scored, rewards, np.ones(rows, bool))
+  return _Round(examples, PromptBatch.of(examples, processor, 64, 0), outputs, scored, rewards, np.ones(rows, bool))
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,25 @@ def test_dynamic_sampling_fills_with_equal_groups_when_the_rounds_run_out(proces
   only = _round(processor, 0, [0.1, 1.0, 0.1, 0.1], equal=[True, False, True, True])
   rollout, metrics = assemble([only], dataclasses.replace(SETTINGS, dynamic_sampling=True), processor)
   assert len(rollout.responses) == 8 and metrics["groups/all_equal_in_batch"] == 0.75
+
+
+def test_training_rows_keep_the_longest_response_rounded_to_a_bucket_not_max_new_tokens(processor):
+  assert [response_width(n, 8192, 1024) for n in (1, 1024, 1025, 3000, 5000, 8192)] == [1024] * 2 + [2048, 4096] + [
+      8192] * 2
+  assert response_width(7, 8192, 0) == 8192 and response_width(3, 10, 16) == 10
+  wide = 12
+  settings = dataclasses.replace(SETTINGS, max_new_tokens=wide, response_bucket=2)
+  base = _round(processor, 0, [0.0, 1.0, 0.0, 1.0], equal=[False] * 4)
+  lengths = np.array([1, 3, 2, 1, 3, 2, 1, 1], np.int32)   # the longest is 3: rounded up to 4 columns
+  outputs = {k: np.pad(v, ((0, 0), (0, wide - N))) if v.ndim == 2 else v for k, v in base.outputs.items()}
+  rollout, _ = assemble([dataclasses.replace(base, outputs=dict(outputs, lengths=lengths))], settings, processor)
+  assert rollout.responses.shape == rollout.policy_logp.shape == rollout.behaviour_logp.shape == (8, 4)
+  np.testing.assert_array_equal(rollout.responses, outputs["responses"][:, :4])
+  rollout.advantages = np.ones(8, np.float32)
+  rows, _ = training_rows(rollout, get_preset("tiny"), losses.LossSettings())
+  assert rows.input_ids.shape[1] == rollout.prompts.input_ids.shape[1] + 4
+  with pytest.raises(ValueError, match="cannot trim responses of up to 3 tokens to 2 columns"):
+    rollout.trimmed(2)
 
 
 def test_overlong_responses_are_masked_or_penalised_in_tokens():

@@ -237,6 +237,7 @@ def test_decoding_in_spans_of_the_cache_equals_attending_all_of_it(setup):
   settings = SamplingSettings(max_new_tokens=40, temperature=1.0)
   prefix = sampler.prefill(params, _padded_batch(), 40, extra_slots=200)   # capacity 256
   assert attention_spans(256, 32) == [32, 64, 128, 256] and attention_spans(100, 128) == [100]
+  assert attention_spans(176, 128) == [176] and attention_spans(2100, 128) == [128, 256, 512, 1024, 2100]
   spans = Sampler(model, min_span=32).decode(params, prefix, jax.random.key(2), settings, keep_prefix=True)
   whole = Sampler(model, min_span=256).decode(params, prefix, jax.random.key(2), settings, keep_prefix=True)
   np.testing.assert_array_equal(np.asarray(spans.tokens), np.asarray(whole.tokens))

@@ -1,12 +1,17 @@
-"""Host-side vision index arithmetic against transformers' own helpers, bit for bit."""
+"""Host-side vision index arithmetic against transformers' own helpers, bit for bit; shape bucketing."""
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 import torch
 from transformers import vision_utils
 
+from safework.models import Qwen25VL, get_preset, init_params
 from safework.models.config import VisionConfig
-from safework.models.vision_layout import patch_positions, segment_blocks, validate_grid, vision_layout, window_index
+from safework.models.inputs import pad_images
+from safework.models.vision_layout import (PATCH_FLOOR, bucket_size, patch_positions, segment_blocks, validate_grid,
+                                           vision_layout, window_index)
 
 CFG = VisionConfig(window_size=112, fullatt_block_indexes=(1,), depth=2, hidden_size=32, num_heads=2)
 GRIDS = [
@@ -46,8 +51,42 @@ def test_layout_permutation_is_invertible():
   layout = vision_layout(grid, CFG)
   merged_window_order = layout.window_order[::4] // 4
   np.testing.assert_array_equal(merged_window_order[layout.merged_restore], np.arange(len(merged_window_order)))
-  # Full-attention segments are one temporal slice each; they stay contiguous in window order.
-  assert layout.frames.blocks.shape[0] == grid[:, 0].sum()
+  # Full-attention segments are one temporal slice each (rows padded to a multiple of 8).
+  frames = layout.frames.blocks
+  assert frames.shape[0] == 8 and (frames[:grid[:, 0].sum()] < len(layout.window_order)).any(1).all()
+  assert (frames[grid[:, 0].sum():] == len(layout.window_order)).all()
+
+
+@pytest.mark.parametrize("per_octave", [1, 4, 8])
+def test_bucket_sizes_are_few_and_tight(per_octave):
+  sizes = {bucket_size(n, 4, per_octave) for n in range(1025, 2049)}
+  assert len(sizes) == per_octave and all(s % 4 == 0 for s in sizes)
+  assert all(n <= bucket_size(n, 4, per_octave) <= n * (1 + 1 / per_octave) + 4 for n in range(1, 5000))
+  with pytest.raises(ValueError, match="power of two"):
+    bucket_size(10, 1, 3)
+
+
+def test_images_of_other_sizes_share_shapes_and_padding_leaves_the_real_features_alone():
+  cfg = get_preset("tiny")
+  model = Qwen25VL(cfg)
+  params = nn.meta.unbox(init_params(model, jax.random.key(0)))
+  encode = jax.jit(lambda pixels, layout: model.apply({"params": params}, pixels, layout,
+                                                      method=Qwen25VL.encode_vision))
+  rng = np.random.default_rng(0)
+  shapes = set()
+  for grid in ([[1, 20, 28], [1, 4, 6]], [[1, 24, 24], [1, 6, 4]]):   # 584 and 600 patches: one bucket (640)
+    grid = np.array(grid)
+    pixels = rng.normal(size=(int(np.prod(grid, 1).sum()), cfg.vision.patch_dim)).astype(np.float32)
+    padded, padding = pad_images({"pixel_values": pixels, "image_grid_thw": grid}, 2, 8)
+    assert padding == 1 and len(padded["pixel_values"]) == 640 and (padded["image_grid_thw"][:2] == grid).all()
+    layout = vision_layout(padded["image_grid_thw"], cfg.vision, padding_items=padding)
+    shapes.add(tuple(np.shape(x) for x in jax.tree.leaves(layout)))
+    merged = len(pixels) // 4
+    np.testing.assert_allclose(np.asarray(encode(padded["pixel_values"], layout))[:merged],
+                               np.asarray(encode(pixels, vision_layout(grid, cfg.vision))), atol=1e-5)
+  assert len(shapes) == 1   # one compiled vision program for both batches
+  small, padding = pad_images({"pixel_values": np.zeros((16, 4)), "image_grid_thw": np.array([[1, 4, 4]])}, 2, 8)
+  assert len(small["pixel_values"]) == PATCH_FLOOR and padding == 1   # small batches share the smallest bucket
 
 
 @pytest.mark.parametrize("grid,message", [

@@ -11,7 +11,8 @@ import numpy as np
 
 from safework.models.config import ModelConfig
 from safework.models.rope_index import get_rope_index
-from safework.models.vision_layout import VisionLayout, num_patches, validate_grid, vision_layout
+from safework.models.vision_layout import VisionLayout, num_patches, patch_bucket, validate_grid, vision_layout
+from safework.models.vision_shards import ShardAxes, ShardedLayout, shard_layout
 
 
 @flax.struct.dataclass
@@ -19,8 +20,8 @@ class PreparedInputs:
   """positions [3, B, T] and rope_deltas [B] of the prompt; the vision layouts of its images and videos."""
   positions: np.ndarray
   rope_deltas: np.ndarray
-  image_layout: VisionLayout | None = None
-  video_layout: VisionLayout | None = None
+  image_layout: VisionLayout | ShardedLayout | None = None
+  video_layout: VisionLayout | ShardedLayout | None = None
 
 
 def _concrete(x, name: str) -> np.ndarray | None:
@@ -53,10 +54,12 @@ def _check_placeholders(cfg: ModelConfig, input_ids: np.ndarray, token: int, gri
 
 def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
                    second_per_grid_ts=None, pixel_values=None, pixel_values_videos=None,
-                   padding_images: int = 0) -> PreparedInputs:
+                   padding_images: int = 0, vision_shards: ShardAxes | None = None) -> PreparedInputs:
   """Positions, rope deltas and vision layouts for one batch, checked against the placeholders.
 
-  The last `padding_images` images are padding (see `pad_images`): encoded, but matched to no placeholder.
+  The last `padding_images` images are padding (see `pad_images`): encoded, but matched to no placeholder. With
+  `vision_shards` the layouts deal the images to that many shards (`models.encode_vision` then encodes them
+  data-parallel; see `models.vision_shards`).
   """
   ids = _concrete(input_ids, "input_ids")
   if ids.ndim != 2:
@@ -86,21 +89,38 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, image_grid_
       video_grid_thw=video_grid, second_per_grid_ts=seconds)
   return PreparedInputs(
       positions=positions, rope_deltas=deltas,
-      image_layout=None if image_grid is None else vision_layout(image_grid, cfg.vision, "image_grid_thw"),
-      video_layout=None if video_grid is None else vision_layout(video_grid, cfg.vision, "video_grid_thw"))
+      image_layout=None if image_grid is None else _layout(image_grid, cfg, "image_grid_thw", padding_images,
+                                                           vision_shards),
+      video_layout=None if video_grid is None else _layout(video_grid, cfg, "video_grid_thw", 0, vision_shards))
 
 
-def pad_images(arrays: dict[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:
-  """Appends blank copies of the last image until the image count is a multiple of `multiple`.
+def _layout(grid: np.ndarray, cfg: ModelConfig, what: str, padding_items: int, shards: ShardAxes | None
+            ) -> VisionLayout | ShardedLayout:
+  if shards is not None:
+    return shard_layout(grid, cfg.vision, shards, what, padding_items)
+  return vision_layout(grid, cfg.vision, what, padding_items)
 
-  Batches of equal-size images then come in a few shapes only, so jitted vision code compiles a few times rather
-  than once per image count. Returns the padded arrays and the number of padding images (for `prepare_inputs`).
+
+def filler_grid(patches: int, merge: int, per_octave: int) -> np.ndarray | None:
+  """The grid [1, 3] of the blank image (merge patches high) that pads `patches` to a `patch_bucket` of
+  `per_octave` sizes per octave; None when `patches` is one already."""
+  missing = patch_bucket(patches, merge * merge, per_octave) - patches
+  return np.array([[1, merge, missing // merge]], np.int64) if missing else None
+
+
+def pad_images(arrays: dict[str, np.ndarray], merge: int, per_octave: int) -> tuple[dict[str, np.ndarray], int]:
+  """Appends one blank image (`filler_grid`) so that the total patch count is one of `per_octave` sizes per
+  octave.
+
+  With the layout's bucketed tables, a batch of images of any sizes then comes in few shapes, so the jitted vision
+  and training programs compile a few times rather than once per rollout. Returns the padded arrays and the number
+  of padding images, 0 or 1 (for `prepare_inputs`).
   """
   grid = arrays.get("image_grid_thw")
-  if grid is None or multiple <= 1 or len(grid) % multiple == 0:
+  filler = None if grid is None else filler_grid(len(arrays["pixel_values"]), merge, per_octave)
+  if filler is None:
     return arrays, 0
-  count = multiple - len(grid) % multiple
-  rows = int(np.prod(grid[-1]))
-  blank = np.zeros((rows * count, arrays["pixel_values"].shape[1]), arrays["pixel_values"].dtype)
-  return dict(arrays, pixel_values=np.concatenate([arrays["pixel_values"], blank]),
-              image_grid_thw=np.concatenate([grid, np.repeat(grid[-1:], count, axis=0)])), count
+  pixels = arrays["pixel_values"]
+  blank = np.zeros((num_patches(filler), pixels.shape[1]), pixels.dtype)
+  return dict(arrays, pixel_values=np.concatenate([pixels, blank]),
+              image_grid_thw=np.concatenate([grid, filler.astype(np.asarray(grid).dtype)])), 1

@@ -22,6 +22,7 @@ from safework.models.layers import Dtype, default_kernel_init, logical_param
 from safework.models.text import KVCache, TextDecoder
 from safework.models.vision import VisionTower
 from safework.models.vision_layout import VisionLayout
+from safework.models.vision_shards import ShardedLayout, encode_sharded
 
 
 def merge_features(embeds: jax.Array, is_placeholder: jax.Array, features: jax.Array) -> jax.Array:
@@ -52,6 +53,9 @@ class Qwen25VL(nn.Module):
 
   def encode_vision(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
     """Merged-token features [M, D] of the images (or videos) in `layout`."""
+    if isinstance(layout, ShardedLayout):
+      raise TypeError("a layout dealt to shards encodes through safework.models.encode_vision(model, params, ...), "
+                      "which runs the tower once per shard")
     return self.visual(pixel_values, layout)
 
   def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None,
@@ -81,19 +85,20 @@ class Qwen25VL(nn.Module):
                pixel_values: jax.Array | None = None, image_grid_thw=None,
                pixel_values_videos: jax.Array | None = None, video_grid_thw=None, second_per_grid_ts=None, *,
                prepared: PreparedInputs | None = None, position_ids: jax.Array | None = None,
-               return_hidden: bool = False) -> jax.Array:
+               return_hidden: bool = False, image_features: jax.Array | None = None,
+               video_features: jax.Array | None = None) -> jax.Array:
     """Logits [B, T, V] (or final hidden states), like `Qwen2_5_VLForConditionalGeneration.forward`.
 
     Positions default to `get_rope_index` over the unpadded tokens. Outside `jit` the host-side inputs are
-    prepared here; under `jit`, pass `prepared=prepare_inputs(...)` computed on the host.
+    prepared here; under `jit`, pass `prepared=prepare_inputs(...)` computed on the host. Features already
+    encoded (`encode_vision`, e.g. data-parallel over shards) replace the pixels.
     """
     if prepared is None:
       prepared = prepare_inputs(self.config, input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                 second_per_grid_ts, pixel_values, pixel_values_videos)
-    image_features = video_features = None
-    if pixel_values is not None:
+    if pixel_values is not None and image_features is None:
       image_features = self.encode_vision(pixel_values, prepared.image_layout)
-    if pixel_values_videos is not None:
+    if pixel_values_videos is not None and video_features is None:
       video_features = self.encode_vision(pixel_values_videos, prepared.video_layout)
     embeds = self.embed(input_ids, image_features, video_features)
     b, t = input_ids.shape
@@ -101,6 +106,16 @@ class Qwen25VL(nn.Module):
     positions = prepared.positions if position_ids is None else position_ids
     hidden, _ = self.decode(embeds, positions, key_valid)
     return hidden if return_hidden else self.logits(hidden)
+
+
+def encode_vision(model: Qwen25VL, params, pixel_values: jax.Array, layout: VisionLayout | ShardedLayout
+                  ) -> jax.Array:
+  """Features [M, D] of the images (or videos) of `layout`; a `ShardedLayout`'s shards encode data-parallel."""
+  encode = lambda pixels, shard_layout: model.apply({"params": params}, pixels, shard_layout,
+                                                   method=Qwen25VL.encode_vision)
+  if isinstance(layout, ShardedLayout):
+    return encode_sharded(encode, pixel_values, layout)
+  return encode(pixel_values, layout)
 
 
 def dummy_inputs(cfg: ModelConfig) -> dict[str, np.ndarray]:

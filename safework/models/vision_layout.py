@@ -11,6 +11,8 @@ Axis legend: P patches, M merged tokens (P / merge^2).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import flax.struct
 
@@ -88,11 +90,33 @@ def window_index(grid_thw: np.ndarray, merge: int, window_merged: int) -> tuple[
   return np.concatenate(order), sizes
 
 
-def segment_blocks(lengths: list[int], block_len: int | None = None) -> SegmentBlocks:
-  """Index table of contiguous segments with the given lengths (see `SegmentBlocks`)."""
+TABLE_BUCKETS = (8, 4)   # segment tables: a multiple of 8 rows, 4 sizes per octave (rows and frame lengths)
+
+
+def bucket_size(n: int, granule: int = 1, per_octave: int = 8) -> int:
+  """`n` rounded up to one of `per_octave` sizes per octave (a power of two; at most 1 / per_octave more), a
+  multiple of `granule`: a batch of images of any sizes then comes in few shapes, so the vision programs compile a
+  few times, not once per batch."""
+  if per_octave & (per_octave - 1) or per_octave < 1:
+    raise ValueError(f"sizes per octave must be a power of two, got {per_octave}")
+  step = math.lcm(granule, 1 << max(n.bit_length() - per_octave.bit_length(), 0))
+  return -(-n // step) * step
+
+
+PATCH_FLOOR = 256   # the smallest patch bucket: a few small images share one shape (a real image is ~5000 patches)
+
+
+def patch_bucket(patches: int, unit: int, per_octave: int) -> int:
+  """A batch's (or shard's) patch count rounded up to a `bucket_size` that is a multiple of `unit` (merged
+  tokens stay whole) and at least `PATCH_FLOOR`."""
+  return max(bucket_size(PATCH_FLOOR, unit), bucket_size(patches, unit, per_octave))
+
+
+def segment_blocks(lengths: list[int], block_len: int | None = None, rows: int | None = None) -> SegmentBlocks:
+  """Index table of contiguous segments with the given lengths (see `SegmentBlocks`), padded to `rows` rows."""
   total = int(sum(lengths))
   block_len = block_len or max(lengths)
-  blocks = np.full((len(lengths), block_len), total, dtype=np.int32)
+  blocks = np.full((max(rows or 0, len(lengths)), block_len), total, dtype=np.int32)
   slots = np.empty(total, dtype=np.int32)
   start = 0
   for b, n in enumerate(lengths):
@@ -104,20 +128,37 @@ def segment_blocks(lengths: list[int], block_len: int | None = None) -> SegmentB
   return SegmentBlocks(blocks=blocks, slots=slots)
 
 
-def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, what: str = "image_grid_thw") -> VisionLayout:
-  """All index tables for one vision-tower call over the items of `grid_thw` [num_items, 3]."""
+def _chunks(total: int, size: int) -> list[int]:
+  return [size] * (total // size) + ([total % size] if total % size else [])
+
+
+def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, what: str = "image_grid_thw", padding_items: int = 0
+                  ) -> VisionLayout:
+  """All index tables for one vision-tower call over the items of `grid_thw` [num_items, 3].
+
+  The last `padding_items` items are blank padding (`models.inputs.pad_images`): their patches follow the real ones
+  in plain order and attend in full blocks (windows, and frame-length chunks), so padding never widens the tables.
+  The tables' row counts and the frame block length are bucketed (`bucket_size`).
+  """
   merge, unit = cfg.spatial_merge_size, cfg.merge_unit
   grid = validate_grid(grid_thw, merge, what)
+  real, padding = grid[:len(grid) - padding_items], grid[len(grid) - padding_items:]
   window_merged = cfg.window_size // merge // cfg.patch_size
-  merged_order, window_sizes = window_index(grid, merge, window_merged)
+  merged_order, window_sizes = window_index(real, merge, window_merged) if len(real) else (np.zeros(0, int), [])
+  padding_merged = num_patches(padding) // unit
+  merged_order = np.concatenate([merged_order, len(merged_order) + np.arange(padding_merged)])
+  window_sizes = window_sizes + _chunks(padding_merged, window_merged**2)
   window_order = (merged_order[:, None] * unit + np.arange(unit)).reshape(-1).astype(np.int32)
-  frame_lengths = [int(h * w) for t, h, w in grid for _ in range(t)]
+  frame_lengths = [int(h * w) for t, h, w in real for _ in range(t)]
+  frame_block = bucket_size(max(frame_lengths, default=window_merged**2 * unit), unit, TABLE_BUCKETS[1])
+  frame_lengths += _chunks(num_patches(padding), frame_block)
   return VisionLayout(
       window_order=window_order,
       merged_restore=np.argsort(merged_order).astype(np.int32),
       positions=patch_positions(grid, merge)[window_order],
-      windows=segment_blocks([n * unit for n in window_sizes], window_merged**2 * unit),
-      frames=segment_blocks(frame_lengths))
+      windows=segment_blocks([n * unit for n in window_sizes], window_merged**2 * unit,
+                             bucket_size(len(window_sizes), *TABLE_BUCKETS)),
+      frames=segment_blocks(frame_lengths, frame_block, bucket_size(len(frame_lengths), *TABLE_BUCKETS)))
 
 
 def num_patches(grid_thw: np.ndarray) -> int:

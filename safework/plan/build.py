@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,20 +44,33 @@ def devices_of(topology: Topology) -> list:
                        "Compiling for TPU on this machine needs libtpu: pip install -e '.[plan]'") from None
 
 
-def program_cost(compiled, work, largest: Sequence[tuple[str, int]] = (), resident: Mapping[str, int] = {}
-                 ) -> ProgramCost:
-  """XLA's memory analysis of a compiled program, the `resident` buffers held beside it, and the counted `work`.
+class Memory(NamedTuple):
+  """Bytes per device of a compiled program, as XLA's memory analysis names them."""
+  argument: int
+  output: int
+  temp: int
+  alias: int
+
+
+def program_cost(memory: Memory, work, largest: Sequence[tuple[str, int]] = (),
+                 resident: Mapping[str, int] = {}) -> ProgramCost:
+  """A program's per-device `memory` (argument, output, temp and alias bytes), the `resident` buffers held beside
+  it, and the counted `work`.
 
   `largest` are the program's arguments by name with their bytes per device. jit leaves out the arguments a
   program does not read (the vision tower's parameters when decoding); they are still in HBM, so the bytes XLA
   does not count among the arguments are counted as resident.
   """
+  unread = max(0, sum(n for _, n in largest) - memory.argument)
+  return ProgramCost(argument_bytes=memory.argument, output_bytes=memory.output, temp_bytes=memory.temp,
+                     alias_bytes=memory.alias, resident_bytes=sum(resident.values()) + unread, flops=work.flops,
+                     bytes_accessed=work.bytes, largest=tuple(sorted([*largest, *resident.items()], key=lambda kv: -kv[1])))
+
+
+def compiled_memory(compiled) -> Memory:
+  """XLA's memory analysis of a compiled program, per device."""
   memory = compiled.memory_analysis()
-  unread = max(0, sum(n for _, n in largest) - int(memory.argument_size_in_bytes))
-  return ProgramCost(argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
-                     temp_bytes=int(memory.temp_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
-                     resident_bytes=sum(resident.values()) + unread, flops=work.flops, bytes_accessed=work.bytes,
-                     largest=tuple(sorted([*largest, *resident.items()], key=lambda kv: -kv[1])))
+  return Memory(*(int(getattr(memory, f"{name}_size_in_bytes")) for name in Memory._fields))
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -121,16 +134,13 @@ def plan_stage(config: Mapping[str, Any], topology: Topology, log: Callable[[str
       start = time.perf_counter()
       sizes = [(name, bytes_per_device(arg)) for name, arg in zip(program.arg_names, program.args) if arg is not None]
       try:
-        costs[program.name] = program_cost(program.lower(mesh).compile(), program.work, sizes, program.resident)
+        memory = compiled_memory(program.lower(mesh).compile())
       except Exception as e:  # noqa: BLE001 - XLA raises its own error types
         temp = out_of_memory_temporaries(str(e))
         if temp is None:
           raise
-        costs[program.name] = ProgramCost(argument_bytes=sum(n for _, n in sizes), output_bytes=0, temp_bytes=temp,
-                                          alias_bytes=0, resident_bytes=sum(program.resident.values()),
-                                          flops=program.work.flops, bytes_accessed=program.work.bytes,
-                                          largest=tuple(sorted([*sizes, *program.resident.items()],
-                                                               key=lambda kv: -kv[1])))
+        memory = Memory(argument=sum(n for _, n in sizes), output=0, temp=temp, alias=0)   # refused: too big
+      costs[program.name] = program_cost(memory, program.work, sizes, program.resident)
       log(f"compiled {program.name} in {time.perf_counter() - start:.1f} s")
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)

@@ -30,7 +30,9 @@ from safework import sharding
 from safework.models import Qwen25VL
 from safework.models.checkpoint import abstract_params
 from safework.models.config import ModelConfig
-from safework.models.inputs import prepare_inputs
+from safework.models.inputs import filler_grid, prepare_inputs
+from safework.models.vision_layout import num_patches
+from safework.models.vision_shards import ShardAxes, shard_axes
 from safework.plan import costs
 from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, vision_features
 from safework.rl.objectives import CrossEntropyObjective, PolicyGradientObjective, make_logprob_fn
@@ -39,7 +41,7 @@ from safework.sampling import Sampler, SamplingSettings
 from safework.sampling.sampler import bucket_length
 from safework.training.state import abstract_state
 from safework.training.step import make_train_step
-from safework.verifiers.model_verifier import JudgePixels, ModelVerifier
+from safework.verifiers.model_verifier import IMAGE_BUCKETS, JudgePixels, ModelVerifier
 
 DUMMY_TOKEN = 100   # any id that is not a placeholder: synthetic prompts are shapes, not text
 
@@ -87,6 +89,7 @@ class PromptShape:
   rows: int
   length: int          # tokens per prompt, images included
   image_pixels: int    # one image of at most this many pixels per prompt; 0: text only
+  image_buckets: int = 0   # the run's bucket_images (sizes per octave its patches are padded to)
 
 
 TEXT_TOKENS = 16   # the least text a prompt carries beside its image (the chat template's own tokens)
@@ -116,14 +119,18 @@ def synthetic_prompts(cfg: ModelConfig, shape: PromptShape) -> dict[str, np.ndar
     merged = side * side // merge**2
     ids[:, :merged] = cfg.image_token_id
     grid = np.tile(np.array([[1, side, side]], np.int64), (shape.rows, 1))
+    filler = filler_grid(len(grid) * side * side, merge, shape.image_buckets) if shape.image_buckets else None
+    if filler is not None:
+      grid, arrays["padding_images"] = np.concatenate([grid, filler]), 1
     arrays["image_grid_thw"] = grid
-    arrays["pixel_values"] = np.broadcast_to(np.zeros((), np.float32), (shape.rows * side * side, cfg.vision.patch_dim))
+    arrays["pixel_values"] = np.broadcast_to(np.zeros((), np.float32), (num_patches(grid), cfg.vision.patch_dim))
   return arrays
 
 
-def _vision_inputs(cfg: ModelConfig, arrays: dict[str, np.ndarray]):
+def _vision_inputs(cfg: ModelConfig, arrays: dict[str, np.ndarray], shards: ShardAxes | None):
   prepared = prepare_inputs(cfg, arrays["input_ids"], arrays["attention_mask"], arrays.get("image_grid_thw"),
-                            pixel_values=arrays.get("pixel_values"))
+                            pixel_values=arrays.get("pixel_values"), padding_images=arrays.get("padding_images", 0),
+                            vision_shards=shards)
   vision = VisionInputs(pixel_values=arrays.get("pixel_values"), image_layout=prepared.image_layout)
   return prepared, vision
 
@@ -166,6 +173,7 @@ class StagePrograms:
     self.replicated = sharding.replicated(mesh)
     self.params = sharded_params(model, mesh, rules)
     self.weight_bytes = jnp.dtype(model.param_dtype).itemsize
+    self._vision_shards = shard_axes(mesh, rules)   # images dealt to the batch shards, as the runs deal them
 
   def _batch_sharding(self, rank: int, rows: int) -> NamedSharding:
     return sharding.batch_sharding(self.mesh, self.rules, rank, rows)
@@ -184,7 +192,7 @@ class StagePrograms:
     tx = make_optimizer(optim, total_steps, self.params)
     state = abstract_state(tx, self.params, self.mesh)
     arrays = synthetic_prompts(self.model.config, prompt)
-    _, vision = _vision_inputs(self.model.config, arrays)
+    _, vision = _vision_inputs(self.model.config, arrays, self._vision_shards)
     features = None if objective.vision_trainable else _features_struct(self.model, arrays, self.replicated)
     context = VisionContext(vision=self._host(vision), features=features)
     step = make_train_step(objective, tx, rows // micro_batch, guard_ratio)
@@ -202,7 +210,7 @@ class StagePrograms:
   def _vision(self, arrays, resident: Mapping[str, int]) -> list[Program]:
     if "pixel_values" not in arrays:
       return []
-    _, vision = _vision_inputs(self.model.config, arrays)
+    _, vision = _vision_inputs(self.model.config, arrays, self._vision_shards)
     fn = jax.jit(lambda params, v: vision_features(self.model, params, v))
     return [Program("vision", fn, (self.params, self._host(vision)), ("policy params", "images"),
                     "model.max_pixels", self._vision_work(self.model, *arrays["input_ids"].shape),
@@ -211,7 +219,7 @@ class StagePrograms:
   def rl(self, stage, judges: tuple[JudgeShape, ...] = ()) -> list[Program]:
     """vision, prefill, decode, logprobs (old / reference), train_step and one scoring pass per judge."""
     r, loss, train, cfg = stage.rollout, stage.loss, stage.train, self.model.config
-    prompt = PromptShape(r.prompts_per_rollout, bucket_length(r.max_prompt_length), self.max_pixels)
+    prompt = PromptShape(r.prompts_per_rollout, bucket_length(r.max_prompt_length), self.max_pixels, r.bucket_images)
     arrays = synthetic_prompts(cfg, prompt)
     optimizer_bytes = 2 * bytes_per_device(self.params)   # Adam's two moments, sharded like the parameters
     judge_params = {j.weights: sharded_params(j.model, self.mesh, self.rules) for j in judges}
@@ -233,7 +241,7 @@ class StagePrograms:
     gen_prompt = dataclasses.replace(prompt, rows=chunk)
     gen_arrays = synthetic_prompts(cfg, gen_prompt)
     sampler = Sampler(self.model, mesh=self.mesh, rules=self.rules, compaction_levels=r.compaction_levels)
-    prepared, _ = _vision_inputs(cfg, gen_arrays)
+    prepared, _ = _vision_inputs(cfg, gen_arrays, self._vision_shards)
     capacity = prompt.length + r.max_new_tokens
     prefill_args = (sampled, self._host(gen_arrays["input_ids"]), self._host(gen_arrays["attention_mask"]),
                     self._host(gen_arrays.get("pixel_values")), None, self._host(prepared))
@@ -283,7 +291,7 @@ class StagePrograms:
 
   def sft(self, stage) -> list[Program]:
     s, train = stage.sft, stage.train
-    prompt = PromptShape(s.batch_size, s.prompt_length, self.max_pixels)
+    prompt = PromptShape(s.batch_size, s.prompt_length, self.max_pixels, s.bucket_images)
     objective = CrossEntropyObjective(model=self.model, logprob_chunk=train.logprob_chunk,
                                       vision_trainable=stage.optim.vision_trainable)
     arrays = synthetic_prompts(self.model.config, prompt)
@@ -295,8 +303,9 @@ class StagePrograms:
 
   def _judge(self, judge: JudgeShape, params, resident: Mapping[str, int]) -> Program:
     length = bucket_length(judge.max_length)
-    arrays = synthetic_prompts(judge.model.config, PromptShape(judge.batch_size, length, self.max_pixels))
-    prepared, _ = _vision_inputs(judge.model.config, arrays)
+    shape = PromptShape(judge.batch_size, length, self.max_pixels, IMAGE_BUCKETS)   # as ModelVerifier pads
+    arrays = synthetic_prompts(judge.model.config, shape)
+    prepared, _ = _vision_inputs(judge.model.config, arrays, self._vision_shards)
     verdicts = np.arange(2, dtype=np.int32)
     head_params = None
     if judge.head == "classifier":   # heads.classifier_from_lm_head's shapes

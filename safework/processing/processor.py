@@ -82,12 +82,12 @@ class Processor:
 
   def __call__(self, texts: str | Sequence[str], images: Sequence[ImageLike] | None = None,
                videos: Sequence[Video] | None = None, max_length: int | None = None,
-               image_multiple: int = 1) -> dict[str, np.ndarray]:
+               bucket_images: int = 0) -> dict[str, np.ndarray]:
     """Left-padded `input_ids`/`attention_mask` [B, T] and the vision arrays (absent when unused).
 
     `images`/`videos` are flat lists, in the order their placeholders appear across the texts. With
-    `image_multiple` > 1, blank images pad the image count to a multiple of it (`padding_images` says how many),
-    so jitted code sees few shapes.
+    `bucket_images` > 0, a blank image pads the total patch count to one of that many sizes per octave
+    (`padding_images` says whether), so jitted code sees few shapes.
     """
     texts = [texts] if isinstance(texts, str) else list(texts)
     out: dict[str, np.ndarray] = {}
@@ -97,7 +97,7 @@ class Processor:
     if image_patches:
       out["pixel_values"] = np.concatenate([p for p, _ in image_patches])
       out["image_grid_thw"] = np.array([g for _, g in image_patches], np.int64)
-      out, padding = pad_images(out, image_multiple)
+      out, padding = pad_images(out, self.image_settings.merge_size, bucket_images) if bucket_images else (out, 0)
       if padding:
         out["padding_images"] = np.array(padding)
     video_patches = [preprocess_video(v, self.video_settings, self.video_fps) for v in videos or ()]

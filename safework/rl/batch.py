@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from safework.models.inputs import PreparedInputs, prepare_inputs
-from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.qwen2_5_vl import Qwen25VL, encode_vision
 from safework.models.vision_layout import VisionLayout
+from safework.models.vision_shards import ShardAxes, ShardedLayout
 from safework.sampling.prompts import PromptBatch
 
 
@@ -66,9 +67,9 @@ class VisionInputs:
   """The unique prompts' pixels and layouts; their features, concatenated (images, then videos), are what
   `SequenceBatch.feature_index` points into."""
   pixel_values: Any = None
-  image_layout: VisionLayout | None = None
+  image_layout: VisionLayout | ShardedLayout | None = None
   pixel_values_videos: Any = None
-  video_layout: VisionLayout | None = None
+  video_layout: VisionLayout | ShardedLayout | None = None
 
   @property
   def empty(self) -> bool:
@@ -79,11 +80,9 @@ def vision_features(model: Qwen25VL, params, vision: VisionInputs) -> jax.Array 
   """Features [M, D] of all images then all videos of the rollout's prompts (None without vision)."""
   parts = []
   if vision.pixel_values is not None:
-    parts.append(model.apply({"params": params}, vision.pixel_values, vision.image_layout,
-                             method=Qwen25VL.encode_vision))
+    parts.append(encode_vision(model, params, vision.pixel_values, vision.image_layout))
   if vision.pixel_values_videos is not None:
-    parts.append(model.apply({"params": params}, vision.pixel_values_videos, vision.video_layout,
-                             method=Qwen25VL.encode_vision))
+    parts.append(encode_vision(model, params, vision.pixel_values_videos, vision.video_layout))
   return jnp.concatenate(parts) if parts else None
 
 
@@ -122,12 +121,14 @@ def build_sequences(prompt_ids: np.ndarray, prompt_mask: np.ndarray, prepared: P
 
 
 def prompt_sequences(prompts: PromptBatch, model_config, responses: np.ndarray, response_lengths: np.ndarray,
-                     sampler_logp: np.ndarray, advantages: np.ndarray, loss_mask: np.ndarray | None = None
-                     ) -> tuple[SequenceBatch, VisionInputs]:
-  """`build_sequences` for a prompt batch, with its host-side positions and vision layout computed here."""
+                     sampler_logp: np.ndarray, advantages: np.ndarray, loss_mask: np.ndarray | None = None,
+                     vision_shards: ShardAxes | None = None) -> tuple[SequenceBatch, VisionInputs]:
+  """`build_sequences` for a prompt batch, with its host-side positions and vision layout computed here (dealt to
+  `vision_shards`, so the tower runs data-parallel)."""
   p = prompts
   prepared = prepare_inputs(model_config, p.input_ids, p.attention_mask, p.image_grid_thw, p.video_grid_thw,
-                            p.second_per_grid_ts, p.pixel_values, p.pixel_values_videos, p.padding_images)
+                            p.second_per_grid_ts, p.pixel_values, p.pixel_values_videos, p.padding_images,
+                            vision_shards)
   index = prompt_feature_index(p.input_ids, model_config.image_token_id, model_config.video_token_id)
   batch = build_sequences(p.input_ids, p.attention_mask, prepared, index, responses, response_lengths, sampler_logp,
                           advantages, loss_mask)

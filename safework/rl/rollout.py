@@ -25,6 +25,7 @@ import numpy as np
 from safework import distributed, sharding
 from safework.data.example import Example
 from safework.models.checkpoint import abstract_params
+from safework.models.vision_shards import ShardAxes
 from safework.processing import Processor
 from safework.rewards.base import RewardFunction, Rewards
 from safework.rl import advantages as adv
@@ -57,7 +58,7 @@ class RolloutSettings:
   old_logprobs: str = "sampler"  # "sampler": the sampler's own; "recompute": a forward pass before updating
   minibatch_size: int = 128
   epochs: int = 1
-  image_multiple: int = 8        # blank images pad a rollout's image count to a multiple of this (fewer compiles)
+  bucket_images: int = 4         # sizes per octave of a batch's image patches (a blank image pads up); 0: none
   generation_prompts: int | None = None   # prompts prefilled and decoded together (None: a whole round at once);
                                           # fewer bound the KV cache (python -m safework.plan tells what fits)
   # The sampler decodes from a copy of the policy refreshed once per rollout: in this dtype (None: the masters'),
@@ -67,6 +68,9 @@ class RolloutSettings:
   # Rows that finish early stop costing: the decode moves the live rows into a batch half the size up to this many
   # times (0: off). Each level is more loop bodies to compile, and its copies cost temporaries (see the planner).
   compaction_levels: int = 0
+  # Training rows keep the longest response's columns rounded up to response_bucket * 2^k (a few compiled widths),
+  # not max_new_tokens; 0: always max_new_tokens (one width).
+  response_bucket: int = 0
   dynamic_sampling: bool = False  # DAPO: replace groups with all-equal rewards by freshly sampled ones
   max_sampling_rounds: int = 3
   overlong: str = "none"         # responses cut at max_new_tokens: "none", "mask" (no loss) or "soft" (penalty)
@@ -105,6 +109,8 @@ class RolloutSettings:
         jnp.dtype(self.sampling_dtype)
       except TypeError:
         raise ValueError(f"sampling_dtype={self.sampling_dtype!r} is not a dtype (bfloat16, float32)") from None
+    if self.response_bucket < 0:
+      raise ValueError(f"response_bucket must be 0 (off) or positive, got {self.response_bucket}")
     if self.compaction_levels < 0:
       raise ValueError(f"compaction_levels must be 0 (off) or more, got {self.compaction_levels}")
     if self.generation_prompts is not None and self.generation_prompts < 1:
@@ -164,6 +170,14 @@ class Rollout:
         out[field.name] = np.asarray(value)
     return out
 
+  def trimmed(self, width: int) -> "Rollout":
+    """The rollout with its per-token arrays cut to the first `width` response columns (every response fits)."""
+    if width < int(self.lengths.max(initial=0)):
+      raise ValueError(f"cannot trim responses of up to {int(self.lengths.max())} tokens to {width} columns")
+    per_token = ("responses", "policy_logp", "behaviour_logp", "old_logp", "ref_logp")
+    return dataclasses.replace(self, **{name: getattr(self, name)[:, :width] for name in per_token
+                                        if getattr(self, name) is not None})
+
   @classmethod
   def from_buffer(cls, buffer: dict[str, np.ndarray]) -> "Rollout":
     prompt = {k.split("/", 1)[1]: v for k, v in buffer.items() if k.startswith("prompt/")}
@@ -217,14 +231,14 @@ def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler
   every prompt samples with its own key, so the chunking does not change the samples. With `compaction_levels`,
   rows that finish early stop costing (the sampler compacts the live rows).
   """
-  prompts = PromptBatch.of(examples, processor, settings.max_prompt_length, settings.image_multiple)
+  prompts = PromptBatch.of(examples, processor, settings.max_prompt_length, settings.bucket_images)
   chunk = min(settings.generation_prompts or len(examples), len(examples))
   parts = []
   for start in range(0, len(examples), chunk):
     rows = list(range(start, min(start + chunk, len(examples))))
     part = prompts if chunk == len(examples) else PromptBatch.of(
         [examples[i] for i in rows + rows[:1] * (chunk - len(rows))], processor, settings.max_prompt_length,
-        settings.image_multiple, width=prompts.input_ids.shape[1])
+        settings.bucket_images, width=prompts.input_ids.shape[1])
     out = sampler.generate(params, part.arrays(), rng, sampling, num_samples=settings.samples_per_prompt,
                            first_row=start, compact=settings.compaction_levels > 0)
     kept = len(rows) * settings.samples_per_prompt
@@ -237,6 +251,17 @@ def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler
   scored = reward_fn(rows, texts, outputs["lengths"]).check(len(texts))
   change, trained = overlong_shaping(outputs["lengths"], outputs["done"], settings)
   return _Round(list(examples), prompts, outputs, scored, np.asarray(scored.total, np.float32) + change, trained)
+
+
+def response_width(longest: int, max_new_tokens: int, bucket: int) -> int:
+  """Response columns the training rows keep: `longest` rounded up to bucket * 2^k, at most max_new_tokens
+  (bucket 0: max_new_tokens)."""
+  if not bucket:
+    return max_new_tokens
+  width = bucket
+  while width < longest:
+    width *= 2
+  return min(width, max_new_tokens)
 
 
 def equal_groups(rewards: np.ndarray, group: int) -> np.ndarray:
@@ -256,7 +281,7 @@ def assemble(rounds: Sequence[_Round], settings: RolloutSettings, processor: Pro
     prompts = rounds[0].prompts
   else:   # groups from several rounds: lay their prompts out afresh (same tokens, one bucket)
     prompts = PromptBatch.of([rounds[r].examples[i] for r, i in chosen], processor, settings.max_prompt_length,
-                             settings.image_multiple)
+                             settings.bucket_images)
   offsets = np.cumsum([0] + [len(rnd.shaped) for rnd in rounds])   # first row of each round, rounds joined
   rows = np.concatenate([offsets[r] + np.arange(i * g, (i + 1) * g) for r, i in chosen])
   joined = lambda get: np.concatenate([np.asarray(get(rnd)) for rnd in rounds])[rows]
@@ -267,6 +292,8 @@ def assemble(rounds: Sequence[_Round], settings: RolloutSettings, processor: Pro
   rollout = Rollout(prompts=prompts, **{k: joined(lambda rnd, k=k: rnd.outputs[k]) for k in rounds[0].outputs},
                     rewards=joined(lambda rnd: rnd.shaped), trained=joined(lambda rnd: rnd.trained),
                     components=scored.components)
+  rollout = rollout.trimmed(response_width(int(rollout.lengths.max()), settings.max_new_tokens,
+                                           settings.response_bucket))
   metrics = {**{f"reward/{k}": v for k, v in scored.means().items()},
              "groups/all_equal_fraction": float(equal_groups(rounds[0].shaped, g).mean()),
              "groups/all_equal_in_batch": float(equal_groups(rollout.rewards, g).mean()),
@@ -279,12 +306,14 @@ def assemble(rounds: Sequence[_Round], settings: RolloutSettings, processor: Pro
   return rollout, metrics
 
 
-def training_rows(rollout: Rollout, model_config, loss: losses.LossSettings) -> tuple[SequenceBatch, VisionInputs]:
-  """Host-side training rows and vision inputs of a rollout (its advantages must be set)."""
+def training_rows(rollout: Rollout, model_config, loss: losses.LossSettings, vision_shards: ShardAxes | None = None
+                  ) -> tuple[SequenceBatch, VisionInputs]:
+  """Host-side training rows and vision inputs of a rollout (its advantages must be set); the images are dealt to
+  `vision_shards`."""
   advantages = rollout.advantages if rollout.advantages is not None else np.zeros(len(rollout.lengths), np.float32)
   batch, vision = prompt_sequences(rollout.prompts, model_config, rollout.responses, rollout.lengths,
                                    rollout.policy_logp, advantages,
-                                   np.broadcast_to(rollout.trained[:, None], rollout.responses.shape))
+                                   np.broadcast_to(rollout.trained[:, None], rollout.responses.shape), vision_shards)
   old = rollout.old_logp if rollout.old_logp is not None else batch.old_logp
   weight = np.asarray(losses.behaviour_weights(old, rollout.behaviour_logp, loss), np.float32)
   batch = batch.replace(old_logp=old, behaviour_weight=weight,

@@ -18,6 +18,7 @@ from safework import sharding
 from safework.distributed import host_array
 from safework.data.example import PromptSource, ShuffledStream
 from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.vision_shards import shard_axes
 from safework.processing import Processor
 from safework.rewards.base import RewardFunction
 from safework.rl import losses, rollout as rollouts
@@ -36,6 +37,7 @@ class RolloutSource:
     self.model, self.processor, self.reward_fn = model, processor, reward_fn
     self.settings, self.loss, self.sampling, self.seed = settings, loss, sampling, seed
     self.mesh, self.rules, self.vision_trainable, self.ref_params = mesh, rules, vision_trainable, ref_params
+    self._vision_shards = shard_axes(mesh, rules)   # the tower encodes the rollout's images data-parallel
     self.stream = ShuffledStream(prompts, seed)
     self.sampler = Sampler(model, mesh=mesh, rules=rules, compaction_levels=settings.compaction_levels)
     self._sampling_copy = settings.sampling_copy(model, mesh, rules)
@@ -103,7 +105,7 @@ class RolloutSource:
     metrics.update(assembled)
     start = time.perf_counter()
     if self.ref_params is not None or settings.old_logprobs == "recompute":
-      rows, vision = rollouts.training_rows(rollout, self.model.config, self.loss)
+      rows, vision = rollouts.training_rows(rollout, self.model.config, self.loss, self._vision_shards)
       batch = jax.tree.map(self._place, rows)
       if self.ref_params is not None:
         ref_features = None if vision.empty else self._features(self.ref_params, vision)
@@ -126,7 +128,7 @@ class RolloutSource:
 
   def _lay_out(self, params) -> None:
     """The rollout's training rows and the minibatches' shared context (frozen-tower features, once)."""
-    batch, vision = rollouts.training_rows(self._rollout, self.model.config, self.loss)
+    batch, vision = rollouts.training_rows(self._rollout, self.model.config, self.loss, self._vision_shards)
     vision = jax.device_put(vision, sharding.replicated(self.mesh))
     features = None if vision.empty or self.vision_trainable else self._features(params, vision)
     self._rows = (batch, VisionContext(vision=vision, features=features))

@@ -27,15 +27,15 @@ class PromptBatch:
   pixel_values_videos: np.ndarray | None = None
   video_grid_thw: np.ndarray | None = None
   second_per_grid_ts: np.ndarray | None = None
-  padding_images: int = 0                       # blank images appended to fill `image_multiple`
+  padding_images: int = 0                       # blank images appended (`models.inputs.pad_images`)
 
   @classmethod
-  def of(cls, examples: Sequence[Example], processor: Processor, max_length: int, image_multiple: int,
+  def of(cls, examples: Sequence[Example], processor: Processor, max_length: int, bucket_images: int,
          width: int | None = None) -> "PromptBatch":
     """The examples' chat prompts with their images and videos; `width` defaults to the bucket length."""
     arrays = processor([processor.render(e.messages()) for e in examples],
                        images=[i for e in examples for i in e.images], videos=[v for e in examples for v in e.videos],
-                       max_length=max_length, image_multiple=image_multiple)
+                       max_length=max_length, bucket_images=bucket_images)
     ids, mask = pad_left(arrays["input_ids"], arrays["attention_mask"],
                          width or bucket_length(arrays["input_ids"].shape[1]), processor.tokenizer.pad_token_id)
     return cls(input_ids=ids, attention_mask=mask, padding_images=int(arrays.get("padding_images", 0)),

@@ -23,7 +23,8 @@ import numpy as np
 
 from safework import sharding
 from safework.models.inputs import PreparedInputs, prepare_inputs
-from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.qwen2_5_vl import Qwen25VL, encode_vision
+from safework.models.vision_shards import shard_axes
 from safework.models.text import KVCache
 from safework.sampling import tokens as token_ops
 from safework.sampling.settings import SamplingSettings
@@ -95,8 +96,11 @@ def _write_rows(full: DecodeState, rows: jax.Array, state: DecodeState) -> Decod
 
 
 def attention_spans(capacity: int, min_span: int) -> list[int]:
-  """Growing prefixes of the cache that decode steps attend: min_span, 2 min_span, 4 min_span, ..., capacity."""
-  spans = [min_span << k for k in range(max(0, capacity - 1).bit_length()) if min_span << k < capacity]
+  """Growing prefixes of the cache that decode steps attend: min_span, 2 min_span, 4 min_span, ..., capacity.
+
+  Each span is a loop body to compile; one larger than half the capacity would save less than half a step's
+  attention, so the last span before the capacity is at most half of it."""
+  spans = [min_span << k for k in range(max(0, capacity - 1).bit_length()) if 2 * (min_span << k) <= capacity]
   return spans + [capacity]
 
 
@@ -182,9 +186,9 @@ class Sampler:
     apply = functools.partial(self.model.apply, {"params": params})
     image_features = video_features = None
     if pixel_values is not None:
-      image_features = apply(pixel_values, prepared.image_layout, method=Qwen25VL.encode_vision)
+      image_features = encode_vision(self.model, params, pixel_values, prepared.image_layout)
     if pixel_values_videos is not None:
-      video_features = apply(pixel_values_videos, prepared.video_layout, method=Qwen25VL.encode_vision)
+      video_features = encode_vision(self.model, params, pixel_values_videos, prepared.video_layout)
     embeds = apply(input_ids, image_features, video_features, method=Qwen25VL.embed)
     valid = attention_mask.astype(bool)
     prefix = self._advance(params, self._empty_prefix(input_ids.shape[0], capacity), embeds, prepared.positions, valid,
@@ -299,7 +303,8 @@ class Sampler:
     ids, mask = pad_left(ids, mask, length, self.model.config.pad_token_id or 0)
     prepared = prepare_inputs(self.model.config, ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"),
                               batch.get("second_per_grid_ts"), batch.get("pixel_values"),
-                              batch.get("pixel_values_videos"), int(batch.get("padding_images", 0)))
+                              batch.get("pixel_values_videos"), int(batch.get("padding_images", 0)),
+                              vision_shards=shard_axes(self.mesh, self.rules))
     return self.jitted_prefill(params, ids, mask, batch.get("pixel_values"), batch.get("pixel_values_videos"), prepared,
                          capacity=length + max_new_tokens + extra_slots)
 

@@ -19,7 +19,8 @@ from safework import sharding
 from safework.distributed import host_array
 from safework.data.example import Example
 from safework.models.inputs import PreparedInputs, prepare_inputs
-from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.qwen2_5_vl import Qwen25VL, encode_vision
+from safework.models.vision_shards import shard_axes
 from safework.processing import Processor
 from safework.sampling.sampler import bucket_length, pad_left
 from safework.verifiers import heads
@@ -40,6 +41,9 @@ def verdict_token_ids(tokenizer, verdicts: Sequence[str]) -> np.ndarray:
   return np.asarray(ids, np.int32)
 
 
+IMAGE_BUCKETS = 4   # sizes per octave a judge batch's image patches are padded to (`models.inputs.pad_images`)
+
+
 @flax.struct.dataclass
 class JudgePixels:
   """The judge prompts' image and video patches (None where the batch has none)."""
@@ -49,8 +53,10 @@ class JudgePixels:
 
 def hidden_at_last(model: Qwen25VL, params, input_ids, attention_mask, pixels: JudgePixels, prepared) -> jax.Array:
   """Final hidden state at the last (verdict) position of left-padded prompts: [B, D]."""
-  hidden = model.apply({"params": params}, input_ids, attention_mask, pixels.images,
-                       pixel_values_videos=pixels.videos, prepared=prepared, return_hidden=True)
+  encode = lambda values, layout: None if values is None else encode_vision(model, params, values, layout)
+  hidden = model.apply({"params": params}, input_ids, attention_mask, prepared=prepared, return_hidden=True,
+                       image_features=encode(pixels.images, prepared.image_layout),
+                       video_features=encode(pixels.videos, prepared.video_layout))
   return hidden[:, -1]
 
 
@@ -60,12 +66,12 @@ class ModelVerifier:
   def __init__(self, model: Qwen25VL, params, processor: Processor, spec: JudgeSpec, head: str = "verdict",
                head_params: dict | None = None, mesh: jax.sharding.Mesh | None = None,
                rules: sharding.Rules = sharding.DEFAULT_RULES, batch_size: int = 16, max_length: int = 2048,
-               image_multiple: int = 8):
+               bucket_images: int = IMAGE_BUCKETS):
     if head not in heads.HEAD_KINDS:
       raise ValueError(f"head {head!r} is not one of {heads.HEAD_KINDS}")
     self.model, self.params, self.processor, self.spec = model, params, processor, spec.validate()
     self.head, self.mesh, self.rules = head, mesh, rules
-    self.batch_size, self.max_length, self.image_multiple = batch_size, max_length, image_multiple
+    self.batch_size, self.max_length, self.bucket_images = batch_size, max_length, bucket_images
     self.verdict_ids = verdict_token_ids(processor.tokenizer, spec.verdicts)
     if head == "classifier" and head_params is None:
       output = model.apply({"params": params}, method=Qwen25VL.output_embedding)
@@ -99,7 +105,7 @@ class ModelVerifier:
     """Processor arrays of the judge prompts, left-padded to a bucket length."""
     texts, images, videos = self.render(examples, responses)
     arrays = self.processor(texts, images=images, videos=videos, max_length=self.max_length,
-                            image_multiple=self.image_multiple)
+                            bucket_images=self.bucket_images)
     arrays["input_ids"], arrays["attention_mask"] = pad_left(
         arrays["input_ids"], arrays["attention_mask"], bucket_length(arrays["input_ids"].shape[1]),
         self.processor.tokenizer.pad_token_id)
@@ -109,7 +115,7 @@ class ModelVerifier:
     return prepare_inputs(self.model.config, arrays["input_ids"], arrays["attention_mask"],
                           arrays.get("image_grid_thw"), arrays.get("video_grid_thw"), arrays.get("second_per_grid_ts"),
                           arrays.get("pixel_values"), arrays.get("pixel_values_videos"),
-                          int(arrays.get("padding_images", 0)))
+                          int(arrays.get("padding_images", 0)), shard_axes(self.mesh, self.rules))
 
   @staticmethod
   def pixels(arrays: dict[str, np.ndarray]) -> JudgePixels:

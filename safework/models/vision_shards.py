@@ -1,0 +1,127 @@
+"""The vision tower data-parallel over the mesh: each batch shard encodes its own images.
+
+A rollout's images are one concatenated patch sequence; encoding it on every device repeats the whole tower's work
+on each (at the paper's image sizes, minutes per rollout). `shard_layout` deals whole images to S shards (the
+largest first, to the least-loaded shard), pads every shard to one patch count with a blank image, and equalises
+their index tables, so the tower runs once per shard under `jax.vmap`, the shard axis split over the mesh's batch
+axes (the sharding rules' "batch" entry): each device encodes about 1/S of the patches. The features come back in
+the processor's order.
+
+Axis legend: S shards, P patches, Q patches per shard, M merged tokens, D decoder hidden, C patch values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from safework.models.config import VisionConfig
+from safework.models.vision_layout import (TABLE_BUCKETS, SegmentBlocks, VisionLayout, num_patches, patch_bucket,
+                                           validate_grid, vision_layout)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardAxes:
+  """The mesh axes a layout's shard axis is split over, and their product (the number of shards)."""
+  axes: tuple[str, ...]
+  count: int
+
+
+def shard_axes(mesh, rules: Sequence[tuple[str, object]]) -> ShardAxes | None:
+  """The mesh axes the rules split a batch over (None when they make one shard, or without a mesh)."""
+  if mesh is None:
+    return None
+  entry = dict(rules).get("batch")
+  axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in mesh.shape)
+  count = math.prod(mesh.shape[a] for a in axes)
+  return ShardAxes(axes, count) if count > 1 else None
+
+
+@flax.struct.dataclass
+class ShardedLayout:
+  """Per-shard layouts stacked along a leading shard axis, and how patches and features map to the shards.
+
+  shards:        a VisionLayout whose arrays are [S, ...] (one layout per shard, equal shapes).
+  patch_index:   [S, Q] the row of `pixel_values` each shard encodes at each slot (P: a blank row).
+  merged_gather: [M] each merged token's row (processor order) among the shards' outputs [S * Q / merge^2] (the
+                 unsharded batch's padding items read row 0: their features are never used).
+  axes:          the mesh axes the shard axis is split over.
+  """
+  shards: VisionLayout
+  patch_index: np.ndarray
+  merged_gather: np.ndarray
+  axes: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+
+
+def _deal(patches: np.ndarray, shards: int) -> list[list[int]]:
+  """Items to shards: largest first, each to the least-loaded shard; items keep their order within a shard."""
+  load, dealt = np.zeros(shards, np.int64), [[] for _ in range(shards)]
+  for item in np.argsort(-patches, kind="stable"):
+    target = int(np.argmin(load))
+    dealt[target].append(int(item))
+    load[target] += patches[item]
+  return [sorted(items) for items in dealt]
+
+
+def _pad_blocks(segments: SegmentBlocks, rows: int, block_len: int, sentinel: int) -> SegmentBlocks:
+  """The table padded to `rows` x `block_len` (padding entries `sentinel`), slots re-pointed into the wider rows."""
+  old_rows, old_len = segments.blocks.shape
+  blocks = np.full((rows, block_len), sentinel, np.int32)
+  blocks[:old_rows, :old_len] = segments.blocks
+  slots = (segments.slots // old_len) * block_len + segments.slots % old_len
+  return SegmentBlocks(blocks=blocks, slots=slots.astype(np.int32))
+
+
+def shard_layout(grid_thw: np.ndarray, cfg: VisionConfig, shards: ShardAxes, what: str = "image_grid_thw",
+                 padding_items: int = 0) -> ShardedLayout:
+  """The layout of `grid_thw`'s items dealt to `shards.count` shards; the last `padding_items` items (blank
+  padding of the unsharded batch) are left out, since each shard pads itself."""
+  merge, unit = cfg.spatial_merge_size, cfg.merge_unit
+  grid = validate_grid(grid_thw, merge, what)
+  real = grid[:len(grid) - padding_items]
+  patches = np.prod(real, axis=1)
+  starts = np.concatenate([[0], np.cumsum(patches)])
+  dealt = _deal(patches, shards.count)
+  per_shard = patch_bucket(max(int(patches[items].sum()) for items in dealt), unit, TABLE_BUCKETS[1])
+  layouts, patch_index, offsets = [], np.full((shards.count, per_shard), num_patches(grid), np.int32), {}
+  for s, items in enumerate(dealt):
+    used = int(patches[items].sum())
+    filler = [[1, merge, (per_shard - used) // merge]] if per_shard > used else []
+    layouts.append(vision_layout(np.array([real[i] for i in items] + filler, np.int64).reshape(-1, 3), cfg, what,
+                                 padding_items=len(filler)))
+    slot = 0
+    for i in items:
+      patch_index[s, slot:slot + patches[i]] = np.arange(starts[i], starts[i + 1])
+      offsets[i] = s * (per_shard // unit) + slot // unit
+      slot += int(patches[i])
+  padding_merged = np.zeros(num_patches(grid[len(real):]) // unit, np.int64)   # never read: any row will do
+  merged_gather = np.concatenate([offsets[i] + np.arange(patches[i] // unit) for i in range(len(real))]
+                                 + [padding_merged]).astype(np.int32)
+  windows_rows = max(layout.windows.blocks.shape[0] for layout in layouts)
+  frame_rows = max(layout.frames.blocks.shape[0] for layout in layouts)
+  frame_len = max(layout.frames.blocks.shape[1] for layout in layouts)
+  window_len = layouts[0].windows.blocks.shape[1]
+  layouts = [layout.replace(windows=_pad_blocks(layout.windows, windows_rows, window_len, per_shard),
+                            frames=_pad_blocks(layout.frames, frame_rows, frame_len, per_shard))
+             for layout in layouts]
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *layouts)
+  return ShardedLayout(shards=stacked, patch_index=patch_index, merged_gather=merged_gather, axes=shards.axes)
+
+
+def encode_sharded(encode, pixel_values: jax.Array, layout: ShardedLayout) -> jax.Array:
+  """`encode(pixels [Q, C], layout) -> [Q / merge^2, D]` run per shard (the shard axis split over the layout's
+  mesh axes, under the ambient mesh), gathered back into features [M, D] in the processor's order."""
+  blank = jnp.zeros((1, pixel_values.shape[1]), pixel_values.dtype)
+  pixels = jnp.concatenate([pixel_values, blank])[jnp.asarray(layout.patch_index)]   # [S, Q, C]
+  if not jax.sharding.get_abstract_mesh().empty:
+    pixels = jax.lax.with_sharding_constraint(pixels, PartitionSpec(layout.axes))
+  features = jax.vmap(encode)(pixels, layout.shards)                                 # [S, Q / merge^2, D]
+  return features.reshape(-1, features.shape[-1])[jnp.asarray(layout.merged_gather)]
