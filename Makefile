@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+# The shared data (XSTest's human-labelled completions) beside this checkout or, for a clone elsewhere, the team's.
+export SAFEWORK_SHARED_DATA ?= $(firstword $(wildcard $(CURDIR)/../shared/data /work/shared/data))
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
