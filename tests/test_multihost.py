@@ -34,7 +34,8 @@ def _free_port() -> int:
 def _start(workdir: Path, processes: int) -> list[subprocess.Popen]:
   port, started = _free_port(), []
   for index in range(processes):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}",
+    flags = f"--xla_force_host_platform_device_count={8 // processes} --xla_backend_optimization_level=0"
+    env = dict(os.environ, XLA_FLAGS=flags,
                JAX_PLATFORMS="cpu", SAFEWORK_READS_LOG=str(workdir.parent / f"{workdir.name}.reads"))
     if processes > 1:
       env.update(SAFEWORK_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",

@@ -111,11 +111,10 @@ class Qwen25VL(nn.Module):
 def encode_vision(model: Qwen25VL, params, pixel_values: jax.Array, layout: VisionLayout | ShardedLayout
                   ) -> jax.Array:
   """Features [M, D] of the images (or videos) of `layout`; a `ShardedLayout`'s shards encode data-parallel."""
-  encode = lambda pixels, shard_layout: model.apply({"params": params}, pixels, shard_layout,
-                                                   method=Qwen25VL.encode_vision)
+  encode = lambda p, pixels, one_layout: model.apply({"params": p}, pixels, one_layout, method=Qwen25VL.encode_vision)
   if isinstance(layout, ShardedLayout):
-    return encode_sharded(encode, pixel_values, layout)
-  return encode(pixel_values, layout)
+    return encode_sharded(encode, params, pixel_values, layout)
+  return encode(params, pixel_values, layout)
 
 
 def dummy_inputs(cfg: ModelConfig) -> dict[str, np.ndarray]:

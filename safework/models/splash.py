@@ -78,10 +78,14 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
       return attend
-    batch = _dividing_axes(mesh, BATCH_AXES, q.shape[0]) or None
-    heads = _dividing_axes(mesh, HEAD_AXES, k.shape[2]) or None
-    rows = P(batch, None, heads, None)
-    return jax.shard_map(attend, in_specs=(rows, rows, rows, P(batch, None)), out_specs=rows, check_vma=False)
+    free = lambda axes: tuple(a for a in axes if a not in mesh.manual_axes)   # inside a shard_map: its axes are taken
+    batch = _dividing_axes(mesh, free(BATCH_AXES), q.shape[0])
+    heads = _dividing_axes(mesh, free(HEAD_AXES), k.shape[2])
+    if not batch + heads:
+      return attend
+    rows = P(batch or None, None, heads or None, None)
+    return jax.shard_map(attend, in_specs=(rows, rows, rows, P(batch or None, None)), out_specs=rows,
+                         axis_names=frozenset(batch + heads), check_vma=False)
 
   out = jax.lax.platform_dependent(q, k, v, segments, tpu=run(interpret=False), default=run(interpret=True))
   return out[:, :t]

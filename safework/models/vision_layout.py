@@ -90,7 +90,10 @@ def window_index(grid_thw: np.ndarray, merge: int, window_merged: int) -> tuple[
   return np.concatenate(order), sizes
 
 
-TABLE_BUCKETS = (8, 4)   # segment tables: a multiple of 8 rows, 4 sizes per octave (rows and frame lengths)
+# Segment tables: window rows (cheap, 64 patches each) a multiple of 8; frame rows (a whole frame's attention each)
+# and frame lengths 4 sizes per octave.
+TABLE_BUCKETS = 4
+WINDOW_ROWS = 8
 
 
 def bucket_size(n: int, granule: int = 1, per_octave: int = 8) -> int:
@@ -150,15 +153,15 @@ def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, what: str = "image_gr
   window_sizes = window_sizes + _chunks(padding_merged, window_merged**2)
   window_order = (merged_order[:, None] * unit + np.arange(unit)).reshape(-1).astype(np.int32)
   frame_lengths = [int(h * w) for t, h, w in real for _ in range(t)]
-  frame_block = bucket_size(max(frame_lengths, default=window_merged**2 * unit), unit, TABLE_BUCKETS[1])
+  frame_block = bucket_size(max(frame_lengths, default=window_merged**2 * unit), unit, TABLE_BUCKETS)
   frame_lengths += _chunks(num_patches(padding), frame_block)
   return VisionLayout(
       window_order=window_order,
       merged_restore=np.argsort(merged_order).astype(np.int32),
       positions=patch_positions(grid, merge)[window_order],
       windows=segment_blocks([n * unit for n in window_sizes], window_merged**2 * unit,
-                             bucket_size(len(window_sizes), *TABLE_BUCKETS)),
-      frames=segment_blocks(frame_lengths, frame_block, bucket_size(len(frame_lengths), *TABLE_BUCKETS)))
+                             bucket_size(len(window_sizes), WINDOW_ROWS, TABLE_BUCKETS)),
+      frames=segment_blocks(frame_lengths, frame_block, bucket_size(len(frame_lengths), 1, TABLE_BUCKETS)))
 
 
 def num_patches(grid_thw: np.ndarray) -> int:

@@ -90,7 +90,7 @@ def shard_layout(grid_thw: np.ndarray, cfg: VisionConfig, shards: ShardAxes, wha
   patches = np.prod(real, axis=1)
   starts = np.concatenate([[0], np.cumsum(patches)])
   dealt = _deal(patches, shards.count)
-  per_shard = patch_bucket(max(int(patches[items].sum()) for items in dealt), unit, TABLE_BUCKETS[1])
+  per_shard = patch_bucket(max(int(patches[items].sum()) for items in dealt), unit, TABLE_BUCKETS)
   layouts, patch_index, offsets = [], np.full((shards.count, per_shard), num_patches(grid), np.int32), {}
   for s, items in enumerate(dealt):
     used = int(patches[items].sum())
@@ -116,12 +116,20 @@ def shard_layout(grid_thw: np.ndarray, cfg: VisionConfig, shards: ShardAxes, wha
   return ShardedLayout(shards=stacked, patch_index=patch_index, merged_gather=merged_gather, axes=shards.axes)
 
 
-def encode_sharded(encode, pixel_values: jax.Array, layout: ShardedLayout) -> jax.Array:
-  """`encode(pixels [Q, C], layout) -> [Q / merge^2, D]` run per shard (the shard axis split over the layout's
-  mesh axes, under the ambient mesh), gathered back into features [M, D] in the processor's order."""
+def encode_sharded(encode, params, pixel_values: jax.Array, layout: ShardedLayout) -> jax.Array:
+  """`encode(params, pixels [Q, C], layout) -> [Q / merge^2, D]` run per shard, gathered back into features
+  [M, D] in the processor's order.
+
+  Under a mesh the shards run in `shard_map` over the layout's axes, each device on its own shards with the whole
+  tower's parameters (gathered once, as fsdp gathers them for any layer); left to GSPMD, the shard axis would meet
+  parameters split over the same axes and be computed replicated.
+  """
   blank = jnp.zeros((1, pixel_values.shape[1]), pixel_values.dtype)
   pixels = jnp.concatenate([pixel_values, blank])[jnp.asarray(layout.patch_index)]   # [S, Q, C]
-  if not jax.sharding.get_abstract_mesh().empty:
-    pixels = jax.lax.with_sharding_constraint(pixels, PartitionSpec(layout.axes))
-  features = jax.vmap(encode)(pixels, layout.shards)                                 # [S, Q / merge^2, D]
+  per_device = lambda p, x, shards: jax.vmap(lambda xs, lay: encode(p, xs, lay))(x, shards)
+  if not jax.sharding.get_abstract_mesh().empty and layout.axes:
+    split = PartitionSpec(layout.axes)
+    per_device = jax.shard_map(per_device, in_specs=(PartitionSpec(), split, split), out_specs=split,
+                               axis_names=frozenset(layout.axes), check_vma=False)
+  features = per_device(params, pixels, layout.shards)                               # [S, Q / merge^2, D]
   return features.reshape(-1, features.shape[-1])[jnp.asarray(layout.merged_gather)]
