@@ -8,6 +8,8 @@ types (GSPMD-style propagation), which flax's logical constraints need.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -80,6 +82,31 @@ def without_axis(rules: Rules, axis: str) -> Rules:
     kept = tuple(a for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()) if a != axis)
     return kept[0] if len(kept) == 1 else (kept or None)
   return tuple((logical, drop(mesh_axes)) for logical, mesh_axes in rules)
+
+
+_ACTIVE_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar("safework_rules", default=DEFAULT_RULES)
+
+
+@contextlib.contextmanager
+def rules_in_effect(rules: Rules):
+  """Makes `rules` the ones that code tracing without them in hand reads (`active_rules`): kernels wrapped in
+  `shard_map` split their work as the rules split the activations they receive. Set it once around a run: jit's
+  trace cache does not look at it, so a function traced under other rules keeps them."""
+  token = _ACTIVE_RULES.set(tuple(rules))
+  try:
+    yield
+  finally:
+    _ACTIVE_RULES.reset(token)
+
+
+def active_rules() -> Rules:
+  """The rules of the innermost `rules_in_effect` (DEFAULT_RULES outside any)."""
+  return _ACTIVE_RULES.get()
+
+
+def mesh_axes(rules: Rules, logical: str) -> tuple[str, ...]:
+  """The mesh axes `rules` map a logical dimension to (first rule wins; () for none)."""
+  return _mesh_axes_for(rules).get(logical, ())
 
 
 def _mesh_axes_for(rules: Rules) -> dict[str, tuple[str, ...]]:

@@ -116,33 +116,35 @@ def run_stage(stage: Stage, *, policy: PolicySettings, data: StageData, seed: in
               mesh: jax.sharding.Mesh, rules: sharding.Rules, processor: Processor | None = None,
               extra_scorers: Mapping[str, Scorer] | None = None) -> TrainedPolicy:
   """Trains the stage (resuming from `workdir`'s checkpoints) and writes its policy to `<workdir>/policy`."""
-  workdir = Path(workdir)
-  processor = processor or load_processor(policy, workdir, data.corpus())
-  model = policy_model(policy)
-  check_prefixes(abstract_params(model), stage.optim.freeze_prefixes)
-  if isinstance(stage, RLStage):
-    needed = stage.rollout.max_prompt_length + stage.rollout.max_new_tokens
-    if needed > model.config.text.max_position_embeddings:
-      raise ValueError(f"max_prompt_length + max_new_tokens = {needed} exceed the policy's "
-                       f"{model.config.text.max_position_embeddings} positions; lower them")
-    if stage.reward is None and data.reward is None:
-      raise ValueError("this RL stage has no reward section and its data brings no reward of its own")
-    prompts = data.prompts(stage.reward.labels if stage.reward else (), processor, stage.rollout.max_prompt_length)
-    reward = build_reward(stage.reward, mesh, rules, extra_scorers) if stage.reward else data.reward
-    params = policy_params(policy, model, mesh, rules, seed)
-    params = RLTrainer(model=model, params=params, processor=processor, prompts=prompts, reward_fn=reward,
-                       rollout=stage.rollout, loss=stage.loss, optim=stage.optim, train=stage.train, seed=seed,
-                       workdir=workdir, mesh=mesh, rules=rules).run().params
-  else:
-    traces = data.traces(processor, stage.sft.prompt_length)
-    params = policy_params(policy, model, mesh, rules, seed)
-    params = SFTTrainer(model=model, params=params, processor=processor, traces=traces, settings=stage.sft,
-                        optim=stage.optim, train=stage.train, seed=seed, workdir=workdir, mesh=mesh, rules=rules).run()
-  out = workdir / "policy"
-  save_pretrained(out, model, params)   # every process gathers its shards; process 0 writes
-  if distributed.is_main():
-    processor.save_pretrained(out)
-  distributed.wait_for_all()   # the next stage reads this checkpoint on every host
+  with sharding.rules_in_effect(rules):   # kernels under shard_map split their work as the rules split the model
+    workdir = Path(workdir)
+    processor = processor or load_processor(policy, workdir, data.corpus())
+    model = policy_model(policy)
+    check_prefixes(abstract_params(model), stage.optim.freeze_prefixes)
+    if isinstance(stage, RLStage):
+      needed = stage.rollout.max_prompt_length + stage.rollout.max_new_tokens
+      if needed > model.config.text.max_position_embeddings:
+        raise ValueError(f"max_prompt_length + max_new_tokens = {needed} exceed the policy's "
+                         f"{model.config.text.max_position_embeddings} positions; lower them")
+      if stage.reward is None and data.reward is None:
+        raise ValueError("this RL stage has no reward section and its data brings no reward of its own")
+      prompts = data.prompts(stage.reward.labels if stage.reward else (), processor, stage.rollout.max_prompt_length)
+      reward = build_reward(stage.reward, mesh, rules, extra_scorers) if stage.reward else data.reward
+      params = policy_params(policy, model, mesh, rules, seed)
+      params = RLTrainer(model=model, params=params, processor=processor, prompts=prompts, reward_fn=reward,
+                         rollout=stage.rollout, loss=stage.loss, optim=stage.optim, train=stage.train, seed=seed,
+                         workdir=workdir, mesh=mesh, rules=rules).run().params
+    else:
+      traces = data.traces(processor, stage.sft.prompt_length)
+      params = policy_params(policy, model, mesh, rules, seed)
+      params = SFTTrainer(model=model, params=params, processor=processor, traces=traces, settings=stage.sft,
+                          optim=stage.optim, train=stage.train, seed=seed, workdir=workdir, mesh=mesh,
+                          rules=rules).run()
+    out = workdir / "policy"
+    save_pretrained(out, model, params)   # every process gathers its shards; process 0 writes
+    if distributed.is_main():
+      processor.save_pretrained(out)
+    distributed.wait_for_all()   # the next stage reads this checkpoint on every host
   return TrainedPolicy(model, params, processor, out)
 
 

@@ -3,6 +3,7 @@ interpreter) against the einsum reference: values, gradients, under a mesh, and 
 
 import flax.linen as nn
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -111,3 +112,47 @@ def test_the_vision_tower_encodes_alike_with_each_kernel(kind):
   encode = lambda m: m.apply({"params": params}, pixels, layout, method=Qwen25VL.encode_vision)
   assert layout.frames.blocks.shape[1] >= 128   # the largest frame takes the splash kernel, not its einsum fallback
   np.testing.assert_allclose(np.asarray(encode(model.clone(attention=kind))), np.asarray(encode(model)), atol=2e-5)
+
+
+def _shard_maps(jaxpr):
+  """The params of every shard_map in a jaxpr, nested ones included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "shard_map":
+      yield eqn.params
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, (jax_core.ClosedJaxpr, jax_core.Jaxpr)):
+          yield from _shard_maps(getattr(sub, "jaxpr", sub))
+
+
+@pytest.mark.parametrize("rules,batch,heads", [
+    (sharding.DEFAULT_RULES, ("data", "fsdp"), "tensor"),
+    ((("batch", "data"), ("kv_heads", None)), "data", None),
+    ((("batch", "fsdp"), ("kv_heads", ("data", "tensor"))), "fsdp", "data"),   # 2 kv heads: tensor would not divide
+])
+def test_splash_splits_its_work_as_the_rules_in_effect_split_the_model(rules, batch, heads):
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  q, kv, valid = jnp.zeros((4, 16, 4, 8)), jnp.zeros((4, 16, 2, 8)), jnp.ones((4, 16), bool)
+  with jax.set_mesh(mesh), sharding.rules_in_effect(rules):
+    jaxpr = jax.make_jaxpr(lambda *a: splash_attention(*a))(q, kv, kv, valid)   # a fresh trace per rules
+  specs = {p["in_specs"][-4:] for p in _shard_maps(jaxpr.jaxpr)}   # q, k, v, segment ids
+  rows = jax.sharding.PartitionSpec(batch, None, heads, None)
+  assert specs == {(rows, rows, rows, jax.sharding.PartitionSpec(batch, None))}
+
+
+def test_splash_pads_rows_that_do_not_divide_the_batch_shards_and_stays_exact():
+  """3 rows on 4 batch shards (a prefill of fewer prompts than devices): padded to 4, one row per shard; a Mosaic
+  kernel left outside shard_map could not be compiled for a TPU slice."""
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, 20, heads, 8)), jnp.float32) for heads in (4, 2, 2))
+  valid = np.ones((3, 20), bool)
+  valid[1, :7] = False
+  valid = jnp.asarray(valid)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  with jax.set_mesh(mesh), sharding.rules_in_effect(sharding.DEFAULT_RULES):
+    jaxpr = jax.make_jaxpr(lambda *a: splash_attention(*a))(q, k, k, valid)
+    got = jax.jit(lambda *a: splash_attention(*a))(q, k, v, valid)
+  segment_specs = {p["in_specs"][-1] for p in _shard_maps(jaxpr.jaxpr)}
+  assert segment_specs == {jax.sharding.PartitionSpec(("data", "fsdp"), None)}
+  expected = grouped_query_attention(q, k, v, causal_padding_mask(valid, 0, 20))
+  np.testing.assert_allclose(np.asarray(got)[np.asarray(valid)], np.asarray(expected)[np.asarray(valid)], atol=2e-6)

@@ -5,10 +5,11 @@ whole-frame blocks need a [T, S] mask: a valid query sees only valid keys, a pad
 (never none, so never NaN; its output is discarded). Grouped-query heads run as the kernel's multi-query form, one
 call per kv head. Sequences are padded to a multiple of the kernel block.
 
-The kernel runs per device. Under a mesh (`jax.set_mesh`) it is wrapped in `shard_map`: batch split over the
-mesh's data and fsdp axes and kv heads over tensor, where they divide (the default rules' layout; XLA reshards
-other layouts at the boundary). Off TPU the same kernel runs in Pallas' interpreter, chosen at lowering time, so
-the planner compiles the real kernel for a TPU slice and tests on CPU check it against the einsum reference.
+The kernel runs per device. Under a mesh (`jax.set_mesh`) it is wrapped in `shard_map`: batch and kv heads split
+over the mesh axes the sharding rules in effect give "batch" and "kv_heads" (`sharding.rules_in_effect`), rows
+padded to a multiple of the batch shards, kv heads over the axes that divide them. Off TPU the same kernel runs in
+Pallas' interpreter, chosen at lowering time, so the planner compiles the real kernel for a TPU slice and tests on
+CPU check it against the einsum reference.
 
 Axis legend: B batch, T time (queries and keys), N query heads, K kv heads, G query heads per kv head, H head dim.
 """
@@ -24,9 +25,9 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec as P
 
+from safework import sharding
+
 KERNEL_BLOCK = 128   # the kernel's smallest block; lengths are padded to a multiple of it
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXES = ("tensor",)
 
 
 def _kernel(length: int, heads: int, causal: bool, interpret: bool):
@@ -67,25 +68,31 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
   Equal to `grouped_query_attention` with the causal (or, with `causal=False`, full) padding mask on every valid
   query.
   """
-  t = q.shape[1]
-  pad = -t % KERNEL_BLOCK
-  pad_time = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  q, k, v = pad_time(q), pad_time(k), pad_time(v)
-  segments = pad_time(key_valid.astype(jnp.int32))
+  b, t = q.shape[:2]
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = sharding.active_rules()
+  # Inside a shard_map (the vision shards) its axes are taken.
+  free = lambda axes: tuple(a for a in axes if a in mesh.shape and a not in mesh.manual_axes)
+  batch = () if mesh.empty else free(sharding.mesh_axes(rules, "batch"))
+  heads = () if mesh.empty else _dividing_axes(mesh, free(sharding.mesh_axes(rules, "kv_heads")), k.shape[2])
+  heads = tuple(a for a in heads if a not in batch)
+  # Rows padded to a multiple of the batch shards (a padding row is all padding: segment 0), so every device runs
+  # its own rows even when they do not divide (8 prompts' prefill on 16 devices); a Mosaic kernel cannot be left
+  # to GSPMD, which would have to replicate it.
+  rows_pad = -b % math.prod(mesh.shape[a] for a in batch)
+  pad = lambda x, time: jnp.pad(x, [(0, rows_pad), (0, time)] + [(0, 0)] * (x.ndim - 2))
+  time_pad = -t % KERNEL_BLOCK
+  q, k, v = pad(q, time_pad), pad(k, time_pad), pad(v, time_pad)
+  segments = pad(key_valid.astype(jnp.int32), time_pad)
 
   def run(interpret: bool):
     attend = functools.partial(_attend_shard, causal=causal, interpret=interpret)
-    mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
       return attend
-    free = lambda axes: tuple(a for a in axes if a not in mesh.manual_axes)   # inside a shard_map: its axes are taken
-    batch = _dividing_axes(mesh, free(BATCH_AXES), q.shape[0])
-    heads = _dividing_axes(mesh, free(HEAD_AXES), k.shape[2])
-    if not batch + heads:
-      return attend
     rows = P(batch or None, None, heads or None, None)
+    # Manual over every free axis: those that split nothing run the kernel on their replicas.
     return jax.shard_map(attend, in_specs=(rows, rows, rows, P(batch or None, None)), out_specs=rows,
-                         axis_names=frozenset(batch + heads), check_vma=False)
+                         axis_names=frozenset(free(mesh.axis_names)), check_vma=False)
 
   out = jax.lax.platform_dependent(q, k, v, segments, tpu=run(interpret=False), default=run(interpret=True))
-  return out[:, :t]
+  return out[:b, :t]

@@ -11,6 +11,7 @@ Axis legend: P patches, M merged tokens (P / merge^2).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -135,33 +136,61 @@ def _chunks(total: int, size: int) -> list[int]:
   return [size] * (total // size) + ([total % size] if total % size else [])
 
 
-def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, what: str = "image_grid_thw", padding_items: int = 0
-                  ) -> VisionLayout:
+@dataclasses.dataclass(frozen=True)
+class TableShape:
+  """The sizes of a layout's segment tables: window rows, frame rows and the frame block length. Layouts built to
+  one shape stack (the vision shards: one layout per shard, one program for all)."""
+  window_rows: int
+  frame_rows: int
+  frame_block: int
+
+
+def _segments(grid: np.ndarray, cfg: VisionConfig, padding_items: int):
+  """Merged-token window order, window sizes (merged tokens), the real frames' lengths (patches), padding patches."""
+  merge = cfg.spatial_merge_size
+  real, padding = grid[:len(grid) - padding_items], grid[len(grid) - padding_items:]
+  window_merged = cfg.window_size // merge // cfg.patch_size
+  merged_order, window_sizes = window_index(real, merge, window_merged) if len(real) else (np.zeros(0, int), [])
+  padding_merged = num_patches(padding) // cfg.merge_unit
+  merged_order = np.concatenate([merged_order, len(merged_order) + np.arange(padding_merged)])
+  window_sizes = window_sizes + _chunks(padding_merged, window_merged**2)
+  frame_lengths = [int(h * w) for t, h, w in real for _ in range(t)]
+  return merged_order, window_sizes, frame_lengths, num_patches(padding)
+
+
+def table_shape(grid_thw: np.ndarray, cfg: VisionConfig, padding_items: int = 0, frame_block: int | None = None,
+                what: str = "image_grid_thw") -> TableShape:
+  """The bucketed table sizes `vision_layout` gives `grid_thw` (with frame blocks of `frame_block`, default the
+  bucketed longest frame)."""
+  grid = validate_grid(grid_thw, cfg.spatial_merge_size, what)
+  _, window_sizes, frame_lengths, padding_patches = _segments(grid, cfg, padding_items)
+  unit, window_merged = cfg.merge_unit, cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
+  frame_block = frame_block or bucket_size(max(frame_lengths, default=window_merged**2 * unit), unit, TABLE_BUCKETS)
+  frames = len(frame_lengths) + len(_chunks(padding_patches, frame_block))
+  return TableShape(window_rows=bucket_size(len(window_sizes), WINDOW_ROWS, TABLE_BUCKETS),
+                    frame_rows=bucket_size(frames, 1, TABLE_BUCKETS), frame_block=frame_block)
+
+
+def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, what: str = "image_grid_thw", padding_items: int = 0,
+                  tables: TableShape | None = None) -> VisionLayout:
   """All index tables for one vision-tower call over the items of `grid_thw` [num_items, 3].
 
   The last `padding_items` items are blank padding (`models.inputs.pad_images`): their patches follow the real ones
   in plain order and attend in full blocks (windows, and frame-length chunks), so padding never widens the tables.
-  The tables' row counts and the frame block length are bucketed (`bucket_size`).
+  The tables come in `tables`' sizes (default `table_shape`'s: bucketed).
   """
-  merge, unit = cfg.spatial_merge_size, cfg.merge_unit
-  grid = validate_grid(grid_thw, merge, what)
-  real, padding = grid[:len(grid) - padding_items], grid[len(grid) - padding_items:]
-  window_merged = cfg.window_size // merge // cfg.patch_size
-  merged_order, window_sizes = window_index(real, merge, window_merged) if len(real) else (np.zeros(0, int), [])
-  padding_merged = num_patches(padding) // unit
-  merged_order = np.concatenate([merged_order, len(merged_order) + np.arange(padding_merged)])
-  window_sizes = window_sizes + _chunks(padding_merged, window_merged**2)
+  grid = validate_grid(grid_thw, cfg.spatial_merge_size, what)
+  tables = tables or table_shape(grid, cfg, padding_items)
+  unit, window_merged = cfg.merge_unit, cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
+  merged_order, window_sizes, frame_lengths, padding_patches = _segments(grid, cfg, padding_items)
   window_order = (merged_order[:, None] * unit + np.arange(unit)).reshape(-1).astype(np.int32)
-  frame_lengths = [int(h * w) for t, h, w in real for _ in range(t)]
-  frame_block = bucket_size(max(frame_lengths, default=window_merged**2 * unit), unit, TABLE_BUCKETS)
-  frame_lengths += _chunks(num_patches(padding), frame_block)
   return VisionLayout(
       window_order=window_order,
       merged_restore=np.argsort(merged_order).astype(np.int32),
-      positions=patch_positions(grid, merge)[window_order],
-      windows=segment_blocks([n * unit for n in window_sizes], window_merged**2 * unit,
-                             bucket_size(len(window_sizes), WINDOW_ROWS, TABLE_BUCKETS)),
-      frames=segment_blocks(frame_lengths, frame_block, bucket_size(len(frame_lengths), 1, TABLE_BUCKETS)))
+      positions=patch_positions(grid, cfg.spatial_merge_size)[window_order],
+      windows=segment_blocks([n * unit for n in window_sizes], window_merged**2 * unit, tables.window_rows),
+      frames=segment_blocks(frame_lengths + _chunks(padding_patches, tables.frame_block), tables.frame_block,
+                            tables.frame_rows))
 
 
 def num_patches(grid_thw: np.ndarray) -> int:

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from safework import sharding
 from safework.models.config import VisionConfig
-from safework.models.vision_layout import (TABLE_BUCKETS, SegmentBlocks, VisionLayout, num_patches, patch_bucket,
-                                           validate_grid, vision_layout)
+from safework.models.vision_layout import (TABLE_BUCKETS, TableShape, VisionLayout, num_patches, patch_bucket,
+                                           table_shape, validate_grid, vision_layout)
 
 
 
@@ -39,8 +40,7 @@ def shard_axes(mesh, rules: Sequence[tuple[str, object]]) -> ShardAxes | None:
   """The mesh axes the rules split a batch over (None when they make one shard, or without a mesh)."""
   if mesh is None:
     return None
-  entry = dict(rules).get("batch")
-  axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in mesh.shape)
+  axes = tuple(a for a in sharding.mesh_axes(rules, "batch") if a in mesh.shape)
   count = math.prod(mesh.shape[a] for a in axes)
   return ShardAxes(axes, count) if count > 1 else None
 
@@ -71,15 +71,6 @@ def _deal(patches: np.ndarray, shards: int) -> list[list[int]]:
   return [sorted(items) for items in dealt]
 
 
-def _pad_blocks(segments: SegmentBlocks, rows: int, block_len: int, sentinel: int) -> SegmentBlocks:
-  """The table padded to `rows` x `block_len` (padding entries `sentinel`), slots re-pointed into the wider rows."""
-  old_rows, old_len = segments.blocks.shape
-  blocks = np.full((rows, block_len), sentinel, np.int32)
-  blocks[:old_rows, :old_len] = segments.blocks
-  slots = (segments.slots // old_len) * block_len + segments.slots % old_len
-  return SegmentBlocks(blocks=blocks, slots=slots.astype(np.int32))
-
-
 def shard_layout(grid_thw: np.ndarray, cfg: VisionConfig, shards: ShardAxes, what: str = "image_grid_thw",
                  padding_items: int = 0) -> ShardedLayout:
   """The layout of `grid_thw`'s items dealt to `shards.count` shards; the last `padding_items` items (blank
@@ -91,12 +82,13 @@ def shard_layout(grid_thw: np.ndarray, cfg: VisionConfig, shards: ShardAxes, wha
   starts = np.concatenate([[0], np.cumsum(patches)])
   dealt = _deal(patches, shards.count)
   per_shard = patch_bucket(max(int(patches[items].sum()) for items in dealt), unit, TABLE_BUCKETS)
-  layouts, patch_index, offsets = [], np.full((shards.count, per_shard), num_patches(grid), np.int32), {}
+  patch_index, offsets = np.full((shards.count, per_shard), num_patches(grid), np.int32), {}
+  grids, fillers = [], []
   for s, items in enumerate(dealt):
     used = int(patches[items].sum())
     filler = [[1, merge, (per_shard - used) // merge]] if per_shard > used else []
-    layouts.append(vision_layout(np.array([real[i] for i in items] + filler, np.int64).reshape(-1, 3), cfg, what,
-                                 padding_items=len(filler)))
+    grids.append(np.array([real[i] for i in items] + filler, np.int64).reshape(-1, 3))
+    fillers.append(len(filler))
     slot = 0
     for i in items:
       patch_index[s, slot:slot + patches[i]] = np.arange(starts[i], starts[i + 1])
@@ -105,13 +97,12 @@ def shard_layout(grid_thw: np.ndarray, cfg: VisionConfig, shards: ShardAxes, wha
   padding_merged = np.zeros(num_patches(grid[len(real):]) // unit, np.int64)   # never read: any row will do
   merged_gather = np.concatenate([offsets[i] + np.arange(patches[i] // unit) for i in range(len(real))]
                                  + [padding_merged]).astype(np.int32)
-  windows_rows = max(layout.windows.blocks.shape[0] for layout in layouts)
-  frame_rows = max(layout.frames.blocks.shape[0] for layout in layouts)
-  frame_len = max(layout.frames.blocks.shape[1] for layout in layouts)
-  window_len = layouts[0].windows.blocks.shape[1]
-  layouts = [layout.replace(windows=_pad_blocks(layout.windows, windows_rows, window_len, per_shard),
-                            frames=_pad_blocks(layout.frames, frame_rows, frame_len, per_shard))
-             for layout in layouts]
+  # One table shape for all shards: the longest frame block, then the most rows at that block.
+  block = max(table_shape(g, cfg, n, what=what).frame_block for g, n in zip(grids, fillers))
+  shapes = [table_shape(g, cfg, n, block, what) for g, n in zip(grids, fillers)]
+  tables = TableShape(window_rows=max(t.window_rows for t in shapes), frame_rows=max(t.frame_rows for t in shapes),
+                      frame_block=block)
+  layouts = [vision_layout(g, cfg, what, n, tables) for g, n in zip(grids, fillers)]
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *layouts)
   return ShardedLayout(shards=stacked, patch_index=patch_index, merged_gather=merged_gather, axes=shards.axes)
 

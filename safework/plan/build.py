@@ -64,7 +64,8 @@ def program_cost(memory: Memory, work, largest: Sequence[tuple[str, int]] = (),
   unread = max(0, sum(n for _, n in largest) - memory.argument)
   return ProgramCost(argument_bytes=memory.argument, output_bytes=memory.output, temp_bytes=memory.temp,
                      alias_bytes=memory.alias, resident_bytes=sum(resident.values()) + unread, flops=work.flops,
-                     bytes_accessed=work.bytes, largest=tuple(sorted([*largest, *resident.items()], key=lambda kv: -kv[1])))
+                     bytes_accessed=work.bytes,
+                     largest=tuple(sorted([*largest, *resident.items()], key=lambda kv: -kv[1])))
 
 
 def compiled_memory(compiled) -> Memory:
@@ -120,8 +121,8 @@ def plan_stage(config: Mapping[str, Any], topology: Topology, log: Callable[[str
   policy = settings(PolicySettings, config["model"])
   devices = devices_of(topology)
   mesh = sharding.make_mesh(dict(config["mesh"]), devices=devices)
-  builder = StagePrograms(policy_model(policy), mesh, sharding.rules_of(config["sharding_rules"]), policy.max_pixels,
-                          policy.remat)
+  rules = sharding.rules_of(config["sharding_rules"])
+  builder = StagePrograms(policy_model(policy), mesh, rules, policy.max_pixels, policy.remat)
   if isinstance(stage, RLStage):
     programs = builder.rl(stage, judge_shapes(stage.reward) if stage.reward else ())
   else:
@@ -129,21 +130,23 @@ def plan_stage(config: Mapping[str, Any], topology: Topology, log: Callable[[str
   costs = {}
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)   # executables for another platform: nothing to reuse
-  try:
-    for program in programs:
-      start = time.perf_counter()
-      sizes = [(name, bytes_per_device(arg)) for name, arg in zip(program.arg_names, program.args) if arg is not None]
-      try:
-        memory = compiled_memory(program.lower(mesh).compile())
-      except Exception as e:  # noqa: BLE001 - XLA raises its own error types
-        temp = out_of_memory_temporaries(str(e))
-        if temp is None:
-          raise
-        memory = Memory(argument=sum(n for _, n in sizes), output=0, temp=temp, alias=0)   # refused: too big
-      costs[program.name] = program_cost(memory, program.work, sizes, program.resident)
-      log(f"compiled {program.name} in {time.perf_counter() - start:.1f} s")
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cache)
+  with sharding.rules_in_effect(rules):   # the kernels split their work as the stage's rules split the model
+    try:
+      for program in programs:
+        start = time.perf_counter()
+        sizes = [(name, bytes_per_device(arg))
+                 for name, arg in zip(program.arg_names, program.args) if arg is not None]
+        try:
+          memory = compiled_memory(program.lower(mesh).compile())
+        except Exception as e:  # noqa: BLE001 - XLA raises its own error types
+          temp = out_of_memory_temporaries(str(e))
+          if temp is None:
+            raise
+          memory = Memory(argument=sum(n for _, n in sizes), output=0, temp=temp, alias=0)   # refused: too big
+        costs[program.name] = program_cost(memory, program.work, sizes, program.resident)
+        log(f"compiled {program.name} in {time.perf_counter() - start:.1f} s")
+    finally:
+      jax.config.update("jax_enable_compilation_cache", cache)
   return Plan(stage=str(config.get("name", "stage")), topology=topology,
               hbm_bytes_per_device=topology.chip.hbm_bytes * topology.chips // len(devices), devices=len(devices),
               mesh=dict(mesh.shape), programs=costs, estimate=not topology.is_tpu,
