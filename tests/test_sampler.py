@@ -238,6 +238,7 @@ def test_decoding_in_spans_of_the_cache_equals_attending_all_of_it(setup):
   prefix = sampler.prefill(params, _padded_batch(), 40, extra_slots=200)   # capacity 256
   assert attention_spans(256, 32) == [32, 64, 128, 256] and attention_spans(100, 128) == [100]
   assert attention_spans(176, 128) == [176] and attention_spans(2100, 128) == [128, 256, 512, 1024, 2100]
+  assert attention_spans(2100, 128, filled=256) == [512, 1024, 2100]   # the prompt fills the short spans
   spans = Sampler(model, min_span=32).decode(params, prefix, jax.random.key(2), settings, keep_prefix=True)
   whole = Sampler(model, min_span=256).decode(params, prefix, jax.random.key(2), settings, keep_prefix=True)
   np.testing.assert_array_equal(np.asarray(spans.tokens), np.asarray(whole.tokens))
@@ -245,28 +246,61 @@ def test_decoding_in_spans_of_the_cache_equals_attending_all_of_it(setup):
   assert int(spans.prefix.write_index) > 32   # the steps crossed from one span into the next
 
 
-def test_compacting_finished_rows_samples_exactly_the_same(setup):
-  _, model, params, _ = setup
-  batch = {k: np.repeat(v, 4, axis=0) if k in ("input_ids", "attention_mask") else v for k, v in _padded_batch().items()}
-  batch["pixel_values"] = np.concatenate([batch["pixel_values"]] * 4)
-  batch["image_grid_thw"] = np.repeat(batch["image_grid_thw"], 4, axis=0)
-  eos = 7
-
-  def stop_after_multiples_of_five(logits, history, step):   # a rule of each row's own tokens: rows end unevenly
+def _stop_after_multiples_of_five(eos):
+  def process(logits, history, step):   # a rule of each row's own tokens: rows end unevenly
     last = jnp.take_along_axis(history, jnp.maximum(step - 1, 0)[None, None].repeat(len(history), 0), axis=1)[:, 0]
     end = (step > 0) & (last % 5 == 0)
     return jnp.where(end[:, None], jnp.where(jnp.arange(logits.shape[1]) == eos, 0.0, -jnp.inf), logits)
+  return process
 
+
+def _eight_prompts():
+  batch = {k: np.repeat(v, 4, axis=0) if k in ("input_ids", "attention_mask") else v for k, v in _padded_batch().items()}
+  batch["pixel_values"] = np.concatenate([batch["pixel_values"]] * 4)
+  batch["image_grid_thw"] = np.repeat(batch["image_grid_thw"], 4, axis=0)
+  return batch
+
+
+def _assert_same_samples(got, expected):
+  for name in ("tokens", "lengths", "done"):
+    np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(expected, name)), err_msg=name)
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(expected.logprobs), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got.behaviour_logprobs), np.asarray(expected.behaviour_logprobs), atol=1e-5)
+
+
+def test_compacting_finished_rows_samples_exactly_the_same(setup):
+  _, model, params, _ = setup
+  batch, eos = _eight_prompts(), 7
   settings = SamplingSettings(max_new_tokens=24, temperature=1.0, eos_ids=(eos,),
-                              logits_processor=stop_after_multiples_of_five)
+                              logits_processor=_stop_after_multiples_of_five(eos))
   sampler = Sampler(model, compaction_levels=2)
-  assert sampler._compaction_sizes(8) == [8, 4, 2]
+  assert sampler._compaction_sizes(8) == ([8, 4, 2], 1)
   plain = sampler.generate(params, batch, jax.random.key(4), settings)
   compact = sampler.generate(params, batch, jax.random.key(4), settings, compact=True)
   lengths = np.asarray(plain.lengths)
   assert len(set(lengths.tolist())) > 2 and (lengths < 24).sum() >= 6   # rows end at different steps
-  for name in ("tokens", "lengths", "done"):
-    np.testing.assert_array_equal(np.asarray(getattr(compact, name)), np.asarray(getattr(plain, name)), err_msg=name)
-  np.testing.assert_allclose(np.asarray(compact.logprobs), np.asarray(plain.logprobs), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(compact.behaviour_logprobs), np.asarray(plain.behaviour_logprobs), atol=1e-5)
+  _assert_same_samples(compact, plain)
   assert compact.prefix is None
+
+
+def test_compacting_on_a_mesh_keeps_rows_on_their_devices(setup):
+  """32 rows over 8 batch shards compact to 16 and 8 shard by shard: the same samples, and the cache is never
+  gathered (a take with global row indices made XLA copy the whole cache to every device: ~11x its share)."""
+  _, model, params, _ = setup
+  batch, eos = _eight_prompts(), 7
+  settings = SamplingSettings(max_new_tokens=24, temperature=1.0, eos_ids=(eos,),
+                              logits_processor=_stop_after_multiples_of_five(eos))
+  plain = Sampler(model).generate(params, batch, jax.random.key(4), settings, num_samples=4)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  sampler = Sampler(model, mesh=mesh, compaction_levels=2)
+  assert sampler._compaction_sizes(32) == ([32, 16, 8], 8)
+  with jax.set_mesh(mesh):
+    prefix = sampler.prefill(params, batch, settings.max_new_tokens)
+    compact = sampler.decode(params, prefix, jax.random.key(4), settings, num_samples=4, compact=True)
+    compiled = sampler.jitted_decode(4).lower(params, prefix, jax.random.key(4), jnp.int32(0), settings=settings,
+                                              num_samples=4, compact=True).compile()
+  lengths = np.asarray(plain.lengths)
+  assert len(set(lengths.tolist())) > 2 and (lengths < 24).sum() >= 24   # most rows finish early: both levels run
+  _assert_same_samples(compact, plain)
+  cache_share = 2 * prefix.cache.k.size * prefix.cache.k.dtype.itemsize * 4 // 8   # k and v, 4 samples, 8 shards
+  assert compiled.memory_analysis().temp_size_in_bytes < 4 * cache_share

@@ -38,6 +38,7 @@ from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, vision
 from safework.rl.objectives import CrossEntropyObjective, PolicyGradientObjective, make_logprob_fn
 from safework.rl.optim import make_optimizer
 from safework.sampling import Sampler, SamplingSettings
+from safework.sampling.sampler import filled_floor
 from safework.sampling.sampler import bucket_length
 from safework.training.state import abstract_state
 from safework.training.step import make_train_step
@@ -266,7 +267,7 @@ class StagePrograms:
                             ("sampling params", "prompt cache", "rng", "first row"),
                             knob + " or rollout.max_new_tokens", decode_work,
                             static={"settings": settings, "num_samples": r.samples_per_prompt,
-                                    "compact": r.compaction_levels > 0},
+                                    "compact": r.compaction_levels > 0, "filled": filled_floor(prompt.length)},
                             resident=generating))
 
     rows, micro, length = r.rows, train.micro_batch_size or r.minibatch_size, prompt.length + r.max_new_tokens

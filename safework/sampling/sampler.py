@@ -80,11 +80,20 @@ def bucket_length(length: int, minimum: int = 16) -> int:
   return max(minimum, 1 << max(0, int(length) - 1).bit_length())
 
 
-def _take_rows(state: DecodeState, rows: jax.Array, constrain) -> DecodeState:
+def _take_rows(state: DecodeState, rows: jax.Array) -> DecodeState:
   pick = lambda x: jnp.take(x, rows, axis=0)
-  return state.replace(prefix=constrain(state.prefix.take(rows)), history=pick(state.history),
-                       logprobs=pick(state.logprobs), behaviour_logprobs=pick(state.behaviour_logprobs),
-                       done=pick(state.done), keys=pick(state.keys))
+  return state.replace(prefix=state.prefix.take(rows), history=pick(state.history), logprobs=pick(state.logprobs),
+                       behaviour_logprobs=pick(state.behaviour_logprobs), done=pick(state.done), keys=pick(state.keys))
+
+
+def _live_first(done: jax.Array, shards: int, keep: int) -> jax.Array:
+  """[shards, keep / shards]: each batch shard's rows (local indices) with its live rows first. Rows are split
+  over the shards in contiguous blocks, so shard s holds rows s * B / shards, ...."""
+  return jnp.argsort(done.reshape(shards, -1), axis=1, stable=True)[:, :keep // shards]
+
+
+def _most_live_per_shard(done: jax.Array, shards: int) -> jax.Array:
+  return (~done).reshape(shards, -1).sum(axis=1).max()
 
 
 def _write_rows(full: DecodeState, rows: jax.Array, state: DecodeState) -> DecodeState:
@@ -95,13 +104,20 @@ def _write_rows(full: DecodeState, rows: jax.Array, state: DecodeState) -> Decod
                       done=put(full.done, state.done))
 
 
-def attention_spans(capacity: int, min_span: int) -> list[int]:
+def attention_spans(capacity: int, min_span: int, filled: int = 0) -> list[int]:
   """Growing prefixes of the cache that decode steps attend: min_span, 2 min_span, 4 min_span, ..., capacity.
 
-  Each span is a loop body to compile; one larger than half the capacity would save less than half a step's
-  attention, so the last span before the capacity is at most half of it."""
+  Each span is a loop body to compile: one larger than half the capacity would save less than half a step's
+  attention, so the last span before the capacity is at most half of it; one no larger than `filled` (slots the
+  prompt already fills) is never attended."""
   spans = [min_span << k for k in range(max(0, capacity - 1).bit_length()) if 2 * (min_span << k) <= capacity]
-  return spans + [capacity]
+  return [span for span in spans if span > filled] + [capacity]
+
+
+def filled_floor(write_index: int) -> int:
+  """The decode program's static `filled`: the prompt's slots rounded down to a power of two (few programs; spans
+  no longer than it are never attended, so a long prompt compiles no loop bodies for short spans)."""
+  return 1 << (write_index.bit_length() - 1) if write_index > 0 else 0
 
 
 def pad_left(ids: np.ndarray, mask: np.ndarray, width: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +141,7 @@ class Sampler:
     # The jitted programs (also what `safework.plan` compiles for a slice).
     self.jitted_prefill = jax.jit(self._prefill_fn, static_argnames=("capacity",))
     self._extend = jax.jit(self._extend_fn)
-    static = ("settings", "num_samples", "compact")
+    static = ("settings", "num_samples", "compact", "filled")
     self._decode = jax.jit(self._decode_fn, static_argnames=static, donate_argnames=("prefix",))
     self._decode_keep = jax.jit(self._decode_fn, static_argnames=static)
 
@@ -207,7 +223,7 @@ class Sampler:
   # -- the decode loop -----------------------------------------------------------------------------------------
 
   def _decode_fn(self, params, prefix: Prefix, rng: jax.Array, first_row: jax.Array, settings: SamplingSettings,
-                 num_samples: int, compact: bool = False) -> SampleOutput:
+                 num_samples: int, compact: bool = False, filled: int = 0) -> SampleOutput:
     # Sample g of prefix row i draws from fold_in(fold_in(rng, first_row + i), g): its tokens do not depend on the
     # rows beside it, so generating a batch in chunks (first_row = the chunk's first row) samples the same.
     rows = prefix.key_valid.shape[0]
@@ -249,37 +265,60 @@ class Sampler:
                         logprobs=zeros, behaviour_logprobs=zeros, done=jnp.zeros(batch, bool), keys=keys)
     # A step attends the smallest span of the cache that holds its slot: the loop runs in stages of doubling spans,
     # so a step costs what the filled part of the cache costs (within 2x, from min_span on), not its capacity.
-    # With compaction, once no more than half the rows are live they move into a batch half the size (finished
-    # rows stop costing); `rows` maps the batch's rows to the output's.
+    # With compaction, once every batch shard has no more than half its rows live, each shard keeps its live rows
+    # in a batch half the size (finished rows stop costing; no row leaves its device, so the cache is never
+    # gathered); `rows` maps the batch's rows to the output's.
     full, rows = state, jnp.arange(batch)
-    sizes = self._compaction_sizes(batch) if compact else [batch]
+    sizes, shards = self._compaction_sizes(batch) if compact else ([batch], 1)
     for level, size in enumerate(sizes):
       smaller = sizes[level + 1] if level + 1 < len(sizes) else 0
-      for span in attention_spans(prefix.capacity, self.min_span):
+      busy = lambda st, smaller=smaller: _most_live_per_shard(st.done, shards) > smaller // shards
+      for span in attention_spans(prefix.capacity, self.min_span, filled):
         state = jax.lax.while_loop(
-            lambda st, span=span: cond(st) & (st.prefix.write_index < span) & ((~st.done).sum() > smaller),
+            lambda st, span=span, busy=busy: cond(st) & (st.prefix.write_index < span) & busy(st),
             functools.partial(body, span=span), state)
       full = _write_rows(full, rows, state)
       if smaller:
-        live_first = jnp.argsort(state.done, stable=True)[:smaller]
-        rows = rows[live_first]
-        state = _take_rows(state, live_first, self._constrain_prefix)
+        local = _live_first(state.done, shards, smaller)
+        rows = rows[(jnp.arange(shards)[:, None] * (size // shards) + local).reshape(-1)]
+        state = self._take_local(state, local)
     generated = full.history[:, window - 1:]
     lengths = jnp.sum(generated != token_ops.NO_TOKEN, axis=1).astype(jnp.int32)
     tokens = jnp.where(generated == token_ops.NO_TOKEN, settings.pad_id, generated)
     return SampleOutput(tokens=tokens, logprobs=full.logprobs, behaviour_logprobs=full.behaviour_logprobs,
                         lengths=lengths, done=full.done, prefix=None if compact else state.prefix)
 
-  def _compaction_sizes(self, batch: int) -> list[int]:
-    """Batch sizes the decode loop compacts to: halvings of `batch` that still split over the mesh's batch axes."""
-    shards = 1
-    if self.mesh is not None:
-      spec = sharding.partition_spec((batch,), ("batch",), self.mesh, self.rules)[0]
-      shards = math.prod(self.mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ()))
+  def _batch_axes(self, batch: int) -> tuple[str, ...]:
+    """The mesh axes a batch of `batch` rows is split over (by the rules, where they divide)."""
+    if self.mesh is None:
+      return ()
+    spec = sharding.partition_spec((batch,), ("batch",), self.mesh, self.rules)[0]
+    return (spec,) if isinstance(spec, str) else tuple(spec or ())
+
+  def _compaction_sizes(self, batch: int) -> tuple[list[int], int]:
+    """Batch sizes the decode loop compacts to (halvings of `batch` that still split over the batch shards), and
+    the number of shards."""
+    shards = math.prod(self.mesh.shape[a] for a in self._batch_axes(batch)) if self.mesh is not None else 1
     sizes = [batch]
     while len(sizes) <= self.compaction_levels and sizes[-1] % 2 == 0 and (sizes[-1] // 2) % shards == 0:
       sizes.append(sizes[-1] // 2)
-    return sizes
+    return sizes, shards
+
+  def _take_local(self, state: DecodeState, local: jax.Array) -> DecodeState:
+    """Each batch shard keeps its rows `local` [shards, k] (indices within the shard), on its own devices: a take
+    with global indices would make XLA gather the whole cache onto every device (8x the cache on 8 shards)."""
+    axes = self._batch_axes(state.done.shape[0])
+    if not axes:
+      return _take_rows(state, local.reshape(-1))
+    rows, cache_rows = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec(None, axes)
+    prefix = Prefix(cache=KVCache(cache_rows, cache_rows), key_valid=rows, write_index=jax.sharding.PartitionSpec(),
+                    next_position=rows, last_logits=rows)
+    specs = DecodeState(step=jax.sharding.PartitionSpec(), prefix=prefix, history=rows, logprobs=rows,
+                        behaviour_logprobs=rows, done=rows, keys=rows)
+    take = jax.shard_map(lambda st, idx: _take_rows(st, idx[0]), in_specs=(specs, rows), out_specs=specs,
+                         axis_names=frozenset(axes), check_vma=False)
+    taken = take(state, local)
+    return taken.replace(prefix=self._constrain_prefix(taken.prefix))
 
   # -- public API ----------------------------------------------------------------------------------------------
 
@@ -334,7 +373,7 @@ class Sampler:
       raise ValueError(f"the prefix has room for {room} new tokens, max_new_tokens={settings.max_new_tokens}")
     decode = self.jitted_decode(num_samples, keep_prefix)
     return decode(params, prefix, rng, jnp.asarray(first_row, jnp.int32), settings=settings, num_samples=num_samples,
-                  compact=compact)
+                  compact=compact, filled=filled_floor(int(prefix.write_index)))
 
   def jitted_decode(self, num_samples: int, keep_prefix: bool = False):
     """The decode program `decode` runs: it donates the prefix unless it is kept (with several samples per row the
