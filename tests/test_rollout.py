@@ -15,7 +15,7 @@ from safework.processing import Processor
 from safework.rewards.base import Rewards
 from safework.rl import losses
 from safework.rl.rollout import (Rollout, RolloutSettings, _Round, assemble, behaviour_ratio_stats,
-                                 overlong_shaping, response_width, sample_round, training_rows)
+                                 overlong_shaping, micro_batch_layout, sample_round, training_rows)
 from safework.sampling import PromptBatch, Sampler, SamplingSettings
 from safework.stages import from_config
 from safework.tasks import get_task
@@ -67,23 +67,16 @@ def test_dynamic_sampling_fills_with_equal_groups_when_the_rounds_run_out(proces
   assert len(rollout.responses) == 8 and metrics["groups/all_equal_in_batch"] == 0.75
 
 
-def test_training_rows_keep_the_longest_response_rounded_to_a_bucket_not_max_new_tokens(processor):
-  assert [response_width(n, 8192, 1024) for n in (1, 1024, 1025, 3000, 5000, 8192)] == [1024] * 2 + [2048, 4096] + [
-      8192] * 2
-  assert response_width(7, 8192, 0) == 8192 and response_width(3, 10, 16) == 10
-  wide = 12
-  settings = dataclasses.replace(SETTINGS, max_new_tokens=wide, response_bucket=2)
-  base = _round(processor, 0, [0.0, 1.0, 0.0, 1.0], equal=[False] * 4)
-  lengths = np.array([1, 3, 2, 1, 3, 2, 1, 1], np.int32)   # the longest is 3: rounded up to 4 columns
-  outputs = {k: np.pad(v, ((0, 0), (0, wide - N))) if v.ndim == 2 else v for k, v in base.outputs.items()}
-  rollout, _ = assemble([dataclasses.replace(base, outputs=dict(outputs, lengths=lengths))], settings, processor)
-  assert rollout.responses.shape == rollout.policy_logp.shape == rollout.behaviour_logp.shape == (8, 4)
-  np.testing.assert_array_equal(rollout.responses, outputs["responses"][:, :4])
-  rollout.advantages = np.ones(8, np.float32)
-  rows, _ = training_rows(rollout, get_preset("tiny"), losses.LossSettings())
-  assert rows.input_ids.shape[1] == rollout.prompts.input_ids.shape[1] + 4
-  with pytest.raises(ValueError, match="cannot trim responses of up to 3 tokens to 2 columns"):
-    rollout.trimmed(2)
+def test_micro_batches_group_rows_of_similar_length_and_widths_follow_the_bucket():
+  lengths = np.array([5, 1, 9, 3, 7, 2, 8, 4])
+  layout = micro_batch_layout(np.arange(8), lengths, micro_batches=2)
+  assert sorted(layout.tolist()) == list(range(8))
+  # Micro-batch j takes positions j, j + 2, ...: the four longest rows, then the four shortest.
+  assert sorted(layout[0::2].tolist()) == [0, 2, 4, 6] and sorted(layout[1::2].tolist()) == [1, 3, 5, 7]
+  assert micro_batch_layout(np.array([6, 1, 3, 0]), lengths, 2)[0::2].tolist() == [6, 0]   # a minibatch's own rows
+  assert RolloutSettings(max_new_tokens=8192, response_bucket=1024).response_widths == (1024, 2048, 4096)
+  assert RolloutSettings(max_new_tokens=10, response_bucket=16).response_widths == ()
+  assert RolloutSettings(max_new_tokens=8192).response_widths == ()
 
 
 def test_overlong_responses_are_masked_or_penalised_in_tokens():

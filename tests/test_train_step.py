@@ -58,14 +58,15 @@ def test_training_logprobs_equal_the_samplers(rollout):
 
 
 def _step(model, params, batch, vision, micro_batches=1, loss=LossSettings(policy_loss="ppo", kl_in="none"),
-          freeze=None, mesh=None):
+          freeze=None, mesh=None, widths=()):
   """One update; plain SGD with lr 1 (params - grads) unless `freeze` asks for the real optimizer."""
   if freeze is None:
     tx = optax.sgd(1.0)
   else:
     tx = make_optimizer(OptimSettings(learning_rate=1e-2, warmup_fraction=0.0, freeze_prefixes=freeze), 10, params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  step = make_train_step(PolicyGradientObjective(model=model, logprob_chunk=4, loss=loss), tx, micro_batches)
+  objective = PolicyGradientObjective(model=model, logprob_chunk=4, loss=loss, response_widths=widths)
+  step = make_train_step(objective, tx, micro_batches)
   context = VisionContext(vision=vision, features=vision_features(model, params, vision))
   if mesh is None:
     return jax.jit(step)(state, batch, context)
@@ -97,6 +98,26 @@ def test_micro_batches_add_up_to_the_minibatch(rollout, aggregation):
   np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(four["grad_norm"], one["grad_norm"], rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), four_state.params, one_state.params)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_narrowed_to_their_longest_response_change_nothing(rollout, aggregation):
+  """One row per micro-batch, each computed over the narrowest of 2, 4 or all 6 response columns that holds it."""
+  model, params, batch, vision = rollout
+  n, lengths, widths = batch.response_length, np.array([6, 1, 3, 2]), (2, 4)   # every branch runs
+  valid = np.arange(n)[None] < lengths[:, None]   # the responses cut short (as if they had ended there)
+  mask = np.asarray(batch.attention_mask).copy()
+  mask[:, -n:] = valid
+  batch = batch.replace(attention_mask=mask, loss_mask=np.asarray(batch.loss_mask) * valid)
+  loss = LossSettings(policy_loss="cpgd", kl_in="none", aggregation=aggregation)
+  full_state, full = _step(model, params, batch, vision, micro_batches=1, loss=loss)
+  narrow_state, narrow = _step(model, params, batch, vision, micro_batches=4, loss=loss, widths=widths)
+  np.testing.assert_allclose(narrow["loss"], full["loss"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(narrow["entropy"], full["entropy"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), narrow_state.params, full_state.params)
+  narrowed = batch.narrowed(int(lengths.max()))
+  assert narrowed.loss_mask.shape[1] == int(lengths.max()) and narrowed.input_ids.shape[1] == (
+      batch.input_ids.shape[1] - batch.response_length + int(lengths.max()))
 
 
 def test_frozen_prefixes_do_not_move_and_unknown_prefixes_are_rejected(rollout):

@@ -271,7 +271,8 @@ class StagePrograms:
                             resident=generating))
 
     rows, micro, length = r.rows, train.micro_batch_size or r.minibatch_size, prompt.length + r.max_new_tokens
-    logprob_fn = jax.jit(make_logprob_fn(self.model, rows // micro, train.logprob_chunk, settings.vocab_limit))
+    logprob_fn = jax.jit(make_logprob_fn(self.model, rows // micro, train.logprob_chunk, settings.vocab_limit,
+                                         r.response_widths))
     logprob_work = costs.decoder_pass(cfg, rows * length, costs.causal_pairs(rows, length), rows * r.max_new_tokens,
                                       self.weight_bytes)
     programs.append(Program("logprobs", logprob_fn, (self.params, sequence_struct(rows, prompt.length,
@@ -282,7 +283,7 @@ class StagePrograms:
                             "train.micro_batch_size or train.logprob_chunk", logprob_work, resident=resident))
     objective = PolicyGradientObjective(model=self.model, logprob_chunk=train.logprob_chunk,
                                         vision_trainable=stage.optim.vision_trainable,
-                                        vocab_limit=settings.vocab_limit, loss=loss)
+                                        vocab_limit=settings.vocab_limit, loss=loss, response_widths=r.response_widths)
     during_training = {k: v for k, v in resident.items() if k != "optimizer state"}   # the step holds it
     programs.append(self._train_step(objective, stage.optim, stage.total_steps, r.minibatch_size, micro, prompt,
                                      r.max_new_tokens, train.max_update_ratio, during_training))

@@ -53,6 +53,20 @@ class SequenceBatch:
   def rows(self, index: np.ndarray) -> "SequenceBatch":
     return jax.tree.map(lambda x: x[index], self)
 
+  def longest_response(self) -> jax.Array:
+    """The most response tokens of any row (responses are left-aligned in their columns)."""
+    return jnp.max(jnp.sum(self.attention_mask[:, -self.response_length:], axis=1))
+
+  def narrowed(self, width: int) -> "SequenceBatch":
+    """The rows with only their first `width` response columns (every response must fit)."""
+    keep = self.input_ids.shape[1] - self.response_length + width
+    full, response = (lambda x: x[..., :keep]), (lambda x: x[:, :width])
+    return self.replace(input_ids=full(self.input_ids), attention_mask=full(self.attention_mask),
+                        positions=full(self.positions), feature_index=full(self.feature_index),
+                        loss_mask=response(self.loss_mask), old_logp=response(self.old_logp),
+                        ref_logp=response(self.ref_logp), sampler_logp=response(self.sampler_logp),
+                        behaviour_weight=response(self.behaviour_weight))
+
 
 @flax.struct.dataclass
 class VisionContext:

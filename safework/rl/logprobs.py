@@ -67,3 +67,24 @@ def response_logprobs(model: Qwen25VL, params, batch: SequenceBatch, features: j
   # Position P - 1 + j predicts response token j.
   return chunked_token_logprobs(hidden[:, length - n - 1:length - 1], apply(method=Qwen25VL.output_embedding),
                                 batch.input_ids[:, length - n:], chunk, vocab_limit)
+
+
+def narrowed_logprobs(model: Qwen25VL, params, batch: SequenceBatch, features: jax.Array | None, chunk: int,
+                      vocab_limit: int | None, widths: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """`response_logprobs` computed over the narrowest of `widths` (and the full width) that holds the batch's longest
+  response, zero beyond it: a micro-batch of short responses costs its own length, not the rollout's longest. All
+  widths are compiled into one program (`lax.switch`); one runs."""
+  n = batch.response_length
+  widths = sorted({w for w in widths if 0 < w < n}) + [n]
+  if len(widths) == 1:
+    return response_logprobs(model, params, batch, features, chunk, vocab_limit)
+
+  def at(width):
+    def run(rows: SequenceBatch):
+      logp, entropy = response_logprobs(model, params, rows.narrowed(width), features, chunk, vocab_limit)
+      widen = lambda x: jnp.pad(x, ((0, 0), (0, n - width)))
+      return widen(logp), widen(entropy)
+    return run
+
+  branch = jnp.searchsorted(jnp.asarray(widths), batch.longest_response())   # the first width >= the longest
+  return jax.lax.switch(branch, [at(w) for w in widths], batch)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from safework.models.qwen2_5_vl import Qwen25VL
 from safework.rl import losses
 from safework.rl.batch import SequenceBatch, VisionContext, vision_features
-from safework.rl.logprobs import response_logprobs
+from safework.rl.logprobs import narrowed_logprobs
 from safework.training.step import split_micro_batches
 
 
@@ -35,6 +35,9 @@ class _ResponseObjective:
   logprob_chunk: int = 256
   vision_trainable: bool = False
   vocab_limit: int | None = None   # the tokenizer's size: ids beyond it are not in the policy's distribution
+  # A micro-batch computes over the narrowest of these response widths holding its longest response (none: all
+  # columns); the rows come ordered by length (`rollout.micro_batch_layout`), so short micro-batches cost less.
+  response_widths: tuple[int, ...] = ()
 
   def totals(self, batch: SequenceBatch):
     return sequence_totals(batch)
@@ -43,7 +46,8 @@ class _ResponseObjective:
     features = context.features
     if self.vision_trainable and not context.vision.empty:
       features = vision_features(self.model, params, context.vision)
-    return response_logprobs(self.model, params, micro, features, self.logprob_chunk, self.vocab_limit)
+    return narrowed_logprobs(self.model, params, micro, features, self.logprob_chunk, self.vocab_limit,
+                             self.response_widths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +77,13 @@ class CrossEntropyObjective(_ResponseObjective):
     return -(logp * micro.loss_mask).sum() / num_tokens, {"entropy": (entropy * micro.loss_mask).sum() / num_tokens}
 
 
-def make_logprob_fn(model: Qwen25VL, micro_batches: int, chunk: int, vocab_limit: int | None = None) -> Callable:
-  """`(params, batch, features) -> log-probs [B, N]` of the response tokens, micro-batch by micro-batch."""
+def make_logprob_fn(model: Qwen25VL, micro_batches: int, chunk: int, vocab_limit: int | None = None,
+                    response_widths: tuple[int, ...] = ()) -> Callable:
+  """`(params, batch, features) -> log-probs [B, N]` of the response tokens, micro-batch by micro-batch (each over
+  the narrowest of `response_widths` holding it)."""
   def logprobs(params, batch: SequenceBatch, features):
     def one(micro):
-      return response_logprobs(model, params, micro, features, chunk, vocab_limit)[0]
+      return narrowed_logprobs(model, params, micro, features, chunk, vocab_limit, response_widths)[0]
     per_micro = jax.lax.map(one, split_micro_batches(batch, micro_batches))   # [m, b, N]
     return jnp.swapaxes(per_micro, 0, 1).reshape(batch.loss_mask.shape)
   return logprobs

@@ -68,8 +68,8 @@ class RolloutSettings:
   # Rows that finish early stop costing: the decode moves the live rows into a batch half the size up to this many
   # times (0: off). Each level is more loop bodies to compile, and its copies cost temporaries (see the planner).
   compaction_levels: int = 0
-  # Training rows keep the longest response's columns rounded up to response_bucket * 2^k (a few compiled widths),
-  # not max_new_tokens; 0: always max_new_tokens (one width).
+  # A training micro-batch computes over its longest response rounded up to response_bucket * 2^k columns (rows are
+  # grouped by length; every width is one branch of the one compiled step), not max_new_tokens; 0: all columns.
   response_bucket: int = 0
   dynamic_sampling: bool = False  # DAPO: replace groups with all-equal rewards by freshly sampled ones
   max_sampling_rounds: int = 3
@@ -84,6 +84,15 @@ class RolloutSettings:
   @property
   def steps(self) -> int:
     return self.epochs * self.rows // self.minibatch_size
+
+  @property
+  def response_widths(self) -> tuple[int, ...]:
+    """The response widths training micro-batches compute over: response_bucket * 2^k below max_new_tokens (the
+    full width is always one)."""
+    if not self.response_bucket:
+      return ()
+    return tuple(self.response_bucket << k for k in range(self.max_new_tokens.bit_length())
+                 if self.response_bucket << k < self.max_new_tokens)
 
   def validate(self) -> "RolloutSettings":
     if self.num_rollouts < 1:
@@ -170,14 +179,6 @@ class Rollout:
         out[field.name] = np.asarray(value)
     return out
 
-  def trimmed(self, width: int) -> "Rollout":
-    """The rollout with its per-token arrays cut to the first `width` response columns (every response fits)."""
-    if width < int(self.lengths.max(initial=0)):
-      raise ValueError(f"cannot trim responses of up to {int(self.lengths.max())} tokens to {width} columns")
-    per_token = ("responses", "policy_logp", "behaviour_logp", "old_logp", "ref_logp")
-    return dataclasses.replace(self, **{name: getattr(self, name)[:, :width] for name in per_token
-                                        if getattr(self, name) is not None})
-
   @classmethod
   def from_buffer(cls, buffer: dict[str, np.ndarray]) -> "Rollout":
     prompt = {k.split("/", 1)[1]: v for k, v in buffer.items() if k.startswith("prompt/")}
@@ -253,17 +254,6 @@ def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler
   return _Round(list(examples), prompts, outputs, scored, np.asarray(scored.total, np.float32) + change, trained)
 
 
-def response_width(longest: int, max_new_tokens: int, bucket: int) -> int:
-  """Response columns the training rows keep: `longest` rounded up to bucket * 2^k, at most max_new_tokens
-  (bucket 0: max_new_tokens)."""
-  if not bucket:
-    return max_new_tokens
-  width = bucket
-  while width < longest:
-    width *= 2
-  return min(width, max_new_tokens)
-
-
 def equal_groups(rewards: np.ndarray, group: int) -> np.ndarray:
   """[P] whether each group's rewards are all equal (no preference between its samples)."""
   r = rewards.reshape(-1, group)
@@ -292,8 +282,6 @@ def assemble(rounds: Sequence[_Round], settings: RolloutSettings, processor: Pro
   rollout = Rollout(prompts=prompts, **{k: joined(lambda rnd, k=k: rnd.outputs[k]) for k in rounds[0].outputs},
                     rewards=joined(lambda rnd: rnd.shaped), trained=joined(lambda rnd: rnd.trained),
                     components=scored.components)
-  rollout = rollout.trimmed(response_width(int(rollout.lengths.max()), settings.max_new_tokens,
-                                           settings.response_bucket))
   metrics = {**{f"reward/{k}": v for k, v in scored.means().items()},
              "groups/all_equal_fraction": float(equal_groups(rounds[0].shaped, g).mean()),
              "groups/all_equal_in_batch": float(equal_groups(rollout.rewards, g).mean()),
@@ -330,6 +318,14 @@ def behaviour_ratio_stats(rollout: Rollout) -> dict[str, float]:
     return {}
   return {"behaviour_ratio/min": float(ratio.min()), "behaviour_ratio/mean": float(ratio.mean()),
           "behaviour_ratio/max": float(ratio.max())}
+
+
+def micro_batch_layout(rows: np.ndarray, lengths: np.ndarray, micro_batches: int) -> np.ndarray:
+  """`rows` reordered so that each micro-batch (rows j, j + m, ...: `training.step.split_micro_batches`) holds rows
+  of similar response length, the longest first: a micro-batch then computes over its own longest response
+  (`response_bucket`), not the minibatch's. The loss is a sum over rows, so the order changes nothing else."""
+  by_length = rows[np.argsort(-lengths[rows], kind="stable")]
+  return by_length.reshape(micro_batches, -1).T.reshape(-1)
 
 
 def minibatch_order(seed: int, rollout_index: int, settings: RolloutSettings) -> list[np.ndarray]:

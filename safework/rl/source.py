@@ -42,8 +42,9 @@ class RolloutSource:
     self.sampler = Sampler(model, mesh=mesh, rules=rules, compaction_levels=settings.compaction_levels)
     self._sampling_copy = settings.sampling_copy(model, mesh, rules)
     self.total_steps, self.batch_size = settings.num_rollouts * settings.steps, settings.minibatch_size
-    self._logprobs = jax.jit(make_logprob_fn(model, settings.rows // micro_batch_size, logprob_chunk,
-                                             sampling.vocab_limit))
+    self._micro_batches = (settings.minibatch_size // micro_batch_size, settings.rows // micro_batch_size)
+    self._logprobs = jax.jit(make_logprob_fn(model, self._micro_batches[1], logprob_chunk, sampling.vocab_limit,
+                                             settings.response_widths))
     self._features = jax.jit(lambda params, vision: vision_features(model, params, vision))
     self._index: int | None = None       # the rollout held
     self._rollout: Rollout | None = None
@@ -64,7 +65,8 @@ class RolloutSource:
     elif self._rows is None:   # restored from a checkpoint's buffer
       self._lay_out(params)
     rows, context = self._rows
-    picked = rows.rows(rollouts.minibatch_order(self.seed, index, self.settings)[minibatch])
+    order = rollouts.minibatch_order(self.seed, index, self.settings)[minibatch]
+    picked = rows.rows(rollouts.micro_batch_layout(order, self._rollout.lengths, self._micro_batches[0]))
     metrics, self._fresh_metrics = {**self._fresh_metrics, "rollout": float(index)}, {}
     self._served = (index, minibatch)
     return StepBatch(rows=jax.tree.map(self._place, picked), context=context,
@@ -106,17 +108,21 @@ class RolloutSource:
     start = time.perf_counter()
     if self.ref_params is not None or settings.old_logprobs == "recompute":
       rows, vision = rollouts.training_rows(rollout, self.model.config, self.loss, self._vision_shards)
-      batch = jax.tree.map(self._place, rows)
+      # Rows by length, so each micro-batch of the pass computes over its own longest response; then back.
+      layout = rollouts.micro_batch_layout(np.arange(settings.rows), rollout.lengths, self._micro_batches[1])
+      batch = jax.tree.map(self._place, rows.rows(layout))
+      restore = np.argsort(layout)
+      logprobs = lambda params, features: host_array(self._logprobs(params, batch, features))[restore]
       if self.ref_params is not None:
         ref_features = None if vision.empty else self._features(self.ref_params, vision)
-        rollout.ref_logp = host_array(self._logprobs(self.ref_params, batch, ref_features))
+        rollout.ref_logp = logprobs(self.ref_params, ref_features)
         if self.loss.kl_in == "reward":   # a k1 penalty on each sequence's reward
           k1 = ((rollout.policy_logp - rollout.ref_logp) * rows.loss_mask).sum(1)
           rollout.rewards = rollout.rewards - self.loss.kl_beta * k1
           metrics["reward/with_kl_penalty"] = float(rollout.rewards.mean())
       if settings.old_logprobs == "recompute":
         features = None if vision.empty else self._features(params, vision)
-        rollout.old_logp = host_array(self._logprobs(params, batch, features))
+        rollout.old_logp = logprobs(params, features)
     metrics["logprob_pass_s"] = time.perf_counter() - start
     rollout.advantages = settings.advantages(rollout.rewards, rollout.lengths)
     metrics.update(rollouts.summarize_advantages(rollout.advantages), **rollouts.behaviour_ratio_stats(rollout))

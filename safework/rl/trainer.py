@@ -47,7 +47,7 @@ class RLTrainer:
                                 vision_trainable=optim.vision_trainable, ref_params=ref_params)
     objective = PolicyGradientObjective(model=model, logprob_chunk=train.logprob_chunk,
                                         vision_trainable=optim.vision_trainable, vocab_limit=sampling.vocab_limit,
-                                        loss=loss)
+                                        loss=loss, response_widths=rollout.response_widths)
     self.trainer = Trainer(workdir=workdir, mesh=mesh, settings=train, objective=objective, tx=self.tx,
                            source=self.source, shown=("reward/total", "loss"))
 
