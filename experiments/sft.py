@@ -24,7 +24,8 @@ def stage(variant: str, runlocal: bool = False) -> ml_collections.ConfigDict:
     s.optim = section(OptimSettings, learning_rate=3e-3, warmup_fraction=0.05, freeze_prefixes=())
     s.train = section(TrainSettings, logprob_chunk=64, checkpoint_every=100, keep_checkpoints=1)
   else:
-    s.sft = section(SFTSettings, steps=2000, batch_size=128, prompt_length=4096, response_length=4096)
+    s.sft = section(SFTSettings, steps=2000, batch_size=128, prompt_length=4096, response_length=4096,
+                    response_bucket=1024)
     s.optim = section(OptimSettings, learning_rate=1e-5)
     s.train = common.paper_train(checkpoint_every=200)
   return s

@@ -20,7 +20,8 @@ from safework.data.example import Example, from_wire, to_wire
 from safework.models.qwen2_5_vl import Qwen25VL
 from safework.models.vision_shards import ShardAxes, shard_axes
 from safework.processing import Processor
-from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, prompt_sequences
+from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, micro_batch_layout, prompt_sequences
+from safework.rl.logprobs import bucketed_widths
 from safework.sampling.prompts import PromptBatch
 from safework.rl.objectives import CrossEntropyObjective
 from safework.rl.optim import OptimSettings, make_optimizer
@@ -35,11 +36,16 @@ class SFTSettings:
   batch_size: int = 32
   prompt_length: int = 2048       # every prompt is left-padded to exactly this (fixed shapes: one compile)
   response_length: int = 2048     # every trace is cut or right-padded to exactly this
+  # A micro-batch computes over its longest trace rounded up to response_bucket * 2^k columns (the batch's traces
+  # grouped by length), not response_length; 0: all columns.
+  response_bucket: int = 0
   bucket_images: int = 4         # sizes per octave of a batch's image patches (a blank image pads up); 0: none
 
   def validate(self) -> "SFTSettings":
     if min(self.steps, self.batch_size, self.prompt_length, self.response_length) < 1:
       raise ValueError(f"SFT steps, batch_size, prompt_length and response_length must be positive: {self}")
+    if self.response_bucket < 0:
+      raise ValueError(f"response_bucket must be 0 (off) or positive, got {self.response_bucket}")
     return self
 
 
@@ -64,12 +70,12 @@ class TraceSource(StepSource):
   share of a batch."""
 
   def __init__(self, traces: Sequence[Trace], processor: Processor, model_config, settings: SFTSettings, seed: int,
-               mesh: jax.sharding.Mesh, rules: sharding.Rules):
+               mesh: jax.sharding.Mesh, rules: sharding.Rules, micro_batches: int = 1):
     if not len(traces):
       raise ValueError("SFT needs at least one trace")
     self.traces, self.processor, self.model_config = traces, processor, model_config
     self.settings, self.seed, self.mesh, self.rules = settings, seed, mesh, rules
-    self.total_steps, self.batch_size = settings.steps, settings.batch_size
+    self.total_steps, self.batch_size, self.micro_batches = settings.steps, settings.batch_size, micro_batches
 
   def examples(self, step: int) -> list[Trace]:
     picked = np.random.default_rng([self.seed, step]).choice(len(self.traces), self.settings.batch_size)
@@ -81,6 +87,8 @@ class TraceSource(StepSource):
     pairs = self.examples(step)
     rows, vision = sft_rows([e for e, _ in pairs], [t for _, t in pairs], self.processor, self.model_config,
                             self.settings, shard_axes(self.mesh, self.rules))
+    lengths = rows.loss_mask.sum(axis=1)
+    rows = rows.rows(micro_batch_layout(np.arange(len(lengths)), lengths, self.micro_batches))
     place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))
     return StepBatch(rows=jax.tree.map(place, rows),
                      context=VisionContext(vision=jax.device_put(vision, sharding.replicated(self.mesh))),
@@ -96,9 +104,12 @@ class SFTTrainer:
     settings = settings.validate()
     self.params = params
     self.tx = make_optimizer(optim, settings.steps, params)
-    self.source = TraceSource(traces, processor, model.config, settings, seed, mesh, rules)
+    self.source = TraceSource(traces, processor, model.config, settings, seed, mesh, rules,
+                              train.micro_batches(settings.batch_size))
     objective = CrossEntropyObjective(model=model, logprob_chunk=train.logprob_chunk,
-                                      vision_trainable=optim.vision_trainable, vocab_limit=len(processor.tokenizer))
+                                      vision_trainable=optim.vision_trainable, vocab_limit=len(processor.tokenizer),
+                                      response_widths=bucketed_widths(settings.response_bucket,
+                                                                      settings.response_length))
     self.trainer = Trainer(workdir=workdir, mesh=mesh, settings=train, objective=objective, tx=self.tx,
                            source=self.source)
 

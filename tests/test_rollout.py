@@ -13,9 +13,10 @@ from safework.data.example import Example
 from safework.models import Qwen25VL, get_preset, init_params
 from safework.processing import Processor
 from safework.rewards.base import Rewards
+from safework.rl.batch import micro_batch_layout
 from safework.rl import losses
 from safework.rl.rollout import (Rollout, RolloutSettings, _Round, assemble, behaviour_ratio_stats,
-                                 overlong_shaping, micro_batch_layout, sample_round, training_rows)
+                                 overlong_shaping, sample_round)
 from safework.sampling import PromptBatch, Sampler, SamplingSettings
 from safework.stages import from_config
 from safework.tasks import get_task

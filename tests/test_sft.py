@@ -52,6 +52,16 @@ def test_rows_hold_the_left_padded_prompt_and_the_trace_with_its_end_of_turn(pol
     assert np.asarray(batch.attention_mask[row, :SETTINGS.prompt_length])[-1] == 1   # prompts are left-padded
 
 
+def test_a_batch_comes_grouped_by_length_into_micro_batches(policy):
+  """Micro-batch j (rows j, j + m, ...) holds traces of similar length, the longest first, so each can compute over
+  its own longest (`response_bucket`)."""
+  model, _, processor, mesh = policy
+  source = TraceSource(tiny_suite.sft_traces(64, 0), processor, model.config, SETTINGS, 0, mesh,
+                       sharding.DEFAULT_RULES, micro_batches=2)
+  lengths = np.asarray(source.batch(0, None).rows.loss_mask).sum(axis=1)
+  assert lengths[0::2].min() >= lengths[1::2].max() and lengths.min() < lengths.max(), lengths
+
+
 def test_sft_learns_and_a_sigterm_resume_equals_the_uninterrupted_run(policy, tmp_path):
   straight = jax.device_get(_trainer(policy, tmp_path / "straight").run())
   losses = [r["loss"] for r in read_metrics(tmp_path / "straight")]

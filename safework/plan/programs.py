@@ -35,6 +35,7 @@ from safework.models.vision_layout import num_patches
 from safework.models.vision_shards import ShardAxes, shard_axes
 from safework.plan import costs
 from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, vision_features
+from safework.rl.logprobs import bucketed_widths
 from safework.rl.objectives import CrossEntropyObjective, PolicyGradientObjective, make_logprob_fn
 from safework.rl.optim import make_optimizer
 from safework.sampling import Sampler, SamplingSettings
@@ -295,7 +296,8 @@ class StagePrograms:
     s, train = stage.sft, stage.train
     prompt = PromptShape(s.batch_size, s.prompt_length, self.max_pixels, s.bucket_images)
     objective = CrossEntropyObjective(model=self.model, logprob_chunk=train.logprob_chunk,
-                                      vision_trainable=stage.optim.vision_trainable)
+                                      vision_trainable=stage.optim.vision_trainable,
+                                      response_widths=bucketed_widths(s.response_bucket, s.response_length))
     arrays = synthetic_prompts(self.model.config, prompt)
     programs = self._vision(arrays, {"optimizer state": 2 * bytes_per_device(self.params)})
     programs.append(self._train_step(objective, stage.optim, stage.total_steps, s.batch_size,

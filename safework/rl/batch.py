@@ -90,6 +90,14 @@ class VisionInputs:
     return self.pixel_values is None and self.pixel_values_videos is None
 
 
+def micro_batch_layout(rows: np.ndarray, lengths: np.ndarray, micro_batches: int) -> np.ndarray:
+  """`rows` reordered so that each micro-batch (rows j, j + m, ...: `training.step.split_micro_batches`) holds rows
+  of similar response length, the longest first: a micro-batch then computes over its own longest response
+  (`response_bucket`), not the minibatch's. The loss is a sum over rows, so the order changes nothing else."""
+  by_length = rows[np.argsort(-lengths[rows], kind="stable")]
+  return by_length.reshape(micro_batches, -1).T.reshape(-1)
+
+
 def vision_features(model: Qwen25VL, params, vision: VisionInputs) -> jax.Array | None:
   """Features [M, D] of all images then all videos of the rollout's prompts (None without vision)."""
   parts = []

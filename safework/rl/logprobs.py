@@ -69,6 +69,11 @@ def response_logprobs(model: Qwen25VL, params, batch: SequenceBatch, features: j
                                 batch.input_ids[:, length - n:], chunk, vocab_limit)
 
 
+def bucketed_widths(bucket: int, full: int) -> tuple[int, ...]:
+  """bucket * 2^k below `full`: the narrower widths micro-batches compute over (none when bucket is 0)."""
+  return tuple(bucket << k for k in range(full.bit_length()) if bucket << k < full) if bucket else ()
+
+
 def narrowed_logprobs(model: Qwen25VL, params, batch: SequenceBatch, features: jax.Array | None, chunk: int,
                       vocab_limit: int | None, widths: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
   """`response_logprobs` computed over the narrowest of `widths` (and the full width) that holds the batch's longest

@@ -36,7 +36,7 @@ class _ResponseObjective:
   vision_trainable: bool = False
   vocab_limit: int | None = None   # the tokenizer's size: ids beyond it are not in the policy's distribution
   # A micro-batch computes over the narrowest of these response widths holding its longest response (none: all
-  # columns); the rows come ordered by length (`rollout.micro_batch_layout`), so short micro-batches cost less.
+  # columns); the rows come ordered by length (`batch.micro_batch_layout`), so short micro-batches cost less.
   response_widths: tuple[int, ...] = ()
 
   def totals(self, batch: SequenceBatch):

@@ -31,6 +31,7 @@ from safework.rewards.base import RewardFunction, Rewards
 from safework.rl import advantages as adv
 from safework.rl import losses
 from safework.rl.batch import SequenceBatch, VisionInputs, prompt_sequences
+from safework.rl.logprobs import bucketed_widths
 from safework.sampling import Sampler, SamplingSettings
 from safework.sampling.prompts import PromptBatch
 from safework.sampling.text import decode_rows, stop_sequences
@@ -87,12 +88,8 @@ class RolloutSettings:
 
   @property
   def response_widths(self) -> tuple[int, ...]:
-    """The response widths training micro-batches compute over: response_bucket * 2^k below max_new_tokens (the
-    full width is always one)."""
-    if not self.response_bucket:
-      return ()
-    return tuple(self.response_bucket << k for k in range(self.max_new_tokens.bit_length())
-                 if self.response_bucket << k < self.max_new_tokens)
+    """The response widths training micro-batches compute over (see `bucketed_widths`)."""
+    return bucketed_widths(self.response_bucket, self.max_new_tokens)
 
   def validate(self) -> "RolloutSettings":
     if self.num_rollouts < 1:
@@ -318,14 +315,6 @@ def behaviour_ratio_stats(rollout: Rollout) -> dict[str, float]:
     return {}
   return {"behaviour_ratio/min": float(ratio.min()), "behaviour_ratio/mean": float(ratio.mean()),
           "behaviour_ratio/max": float(ratio.max())}
-
-
-def micro_batch_layout(rows: np.ndarray, lengths: np.ndarray, micro_batches: int) -> np.ndarray:
-  """`rows` reordered so that each micro-batch (rows j, j + m, ...: `training.step.split_micro_batches`) holds rows
-  of similar response length, the longest first: a micro-batch then computes over its own longest response
-  (`response_bucket`), not the minibatch's. The loss is a sum over rows, so the order changes nothing else."""
-  by_length = rows[np.argsort(-lengths[rows], kind="stable")]
-  return by_length.reshape(micro_batches, -1).T.reshape(-1)
 
 
 def minibatch_order(seed: int, rollout_index: int, settings: RolloutSettings) -> list[np.ndarray]:

@@ -22,7 +22,7 @@ from safework.models.vision_shards import shard_axes
 from safework.processing import Processor
 from safework.rewards.base import RewardFunction
 from safework.rl import losses, rollout as rollouts
-from safework.rl.batch import SequenceBatch, VisionContext, vision_features
+from safework.rl.batch import SequenceBatch, VisionContext, micro_batch_layout, vision_features
 from safework.rl.objectives import make_logprob_fn
 from safework.rl.rollout import Rollout, RolloutSettings
 from safework.sampling import Sampler, SamplingSettings
@@ -66,7 +66,7 @@ class RolloutSource:
       self._lay_out(params)
     rows, context = self._rows
     order = rollouts.minibatch_order(self.seed, index, self.settings)[minibatch]
-    picked = rows.rows(rollouts.micro_batch_layout(order, self._rollout.lengths, self._micro_batches[0]))
+    picked = rows.rows(micro_batch_layout(order, self._rollout.lengths, self._micro_batches[0]))
     metrics, self._fresh_metrics = {**self._fresh_metrics, "rollout": float(index)}, {}
     self._served = (index, minibatch)
     return StepBatch(rows=jax.tree.map(self._place, picked), context=context,
@@ -109,7 +109,7 @@ class RolloutSource:
     if self.ref_params is not None or settings.old_logprobs == "recompute":
       rows, vision = rollouts.training_rows(rollout, self.model.config, self.loss, self._vision_shards)
       # Rows by length, so each micro-batch of the pass computes over its own longest response; then back.
-      layout = rollouts.micro_batch_layout(np.arange(settings.rows), rollout.lengths, self._micro_batches[1])
+      layout = micro_batch_layout(np.arange(settings.rows), rollout.lengths, self._micro_batches[1])
       batch = jax.tree.map(self._place, rows.rows(layout))
       restore = np.argsort(layout)
       logprobs = lambda params, features: host_array(self._logprobs(params, batch, features))[restore]
