@@ -141,3 +141,18 @@ def test_a_program_that_does_not_fit_is_named_with_its_largest_buffers_and_knob(
   verdict = plan.verdict()
   assert verdict.startswith("DOES NOT FIT: decode needs 303.00 GB") and "prefill" not in verdict
   assert "prompt cache 2.00 GB" in verdict and "turn rollout.generation_prompts" in verdict
+
+
+def test_compiled_memory_is_remembered_by_program_text_and_slice(tmp_path, monkeypatch):
+  import jax
+  import jax.numpy as jnp
+  from safework.plan.build import program_memory
+  monkeypatch.setenv("SAFEWORK_PLAN_CACHE", str(tmp_path))
+  lowered = jax.jit(lambda x: jnp.tanh(x @ x)).lower(jnp.zeros((64, 64)))
+  first = program_memory(lowered, parse_topology("h100-8"))
+  (remembered,) = tmp_path.glob("*.json")
+  remembered.write_text(json.dumps({**first._asdict(), "temp": 12345}))
+  assert program_memory(lowered, parse_topology("h100-8")).temp == 12345   # read back, not compiled again
+  assert program_memory(lowered, parse_topology("h100-16")) == first       # another slice: compiled
+  program_memory(jax.jit(lambda x: x @ x).lower(jnp.zeros((64, 64))), parse_topology("h100-8"))
+  assert len(list(tmp_path.glob("*.json"))) == 3                             # another program: compiled

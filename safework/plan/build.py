@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -74,6 +78,43 @@ def compiled_memory(compiled) -> Memory:
   return Memory(*(int(getattr(memory, f"{name}_size_in_bytes")) for name in Memory._fields))
 
 
+def memory_cache_dir() -> Path | None:
+  """Where compiled programs' memory is remembered, by program text and slice (SAFEWORK_PLAN_CACHE, default
+  ~/.cache/safework/plan; "" turns it off): the stages of a ladder share most programs (the rollout, the train step,
+  judges), and a paper-scale decode loop takes minutes to compile."""
+  path = os.environ.get("SAFEWORK_PLAN_CACHE", os.path.expanduser("~/.cache/safework/plan"))
+  return Path(path) if path else None
+
+
+def _compiler_versions() -> str:
+  try:
+    libtpu = importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    libtpu = "none"
+  return f"jax {jax.__version__} libtpu {libtpu}"
+
+
+def program_memory(lowered, topology: Topology) -> Memory:
+  """The per-device memory of a lowered program compiled for `topology` (remembered in `memory_cache_dir`); a
+  program the TPU compiler refuses as too large reports the temporaries it asked for."""
+  cache = memory_cache_dir()
+  key = hashlib.sha256(f"{topology.name} {_compiler_versions()}\n{lowered.as_text()}".encode()).hexdigest()
+  path = cache / f"{key}.json" if cache else None
+  if path is not None and path.is_file():
+    return Memory(**json.loads(path.read_text()))
+  try:
+    memory = compiled_memory(lowered.compile())
+  except Exception as e:  # noqa: BLE001 - XLA raises its own error types
+    temp = out_of_memory_temporaries(str(e))
+    if temp is None:
+      raise
+    memory = Memory(argument=-1, output=0, temp=temp, alias=0)   # refused: too big (arguments: the caller's count)
+  if path is not None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(memory._asdict()))
+  return memory
+
+
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -136,13 +177,9 @@ def plan_stage(config: Mapping[str, Any], topology: Topology, log: Callable[[str
         start = time.perf_counter()
         sizes = [(name, bytes_per_device(arg))
                  for name, arg in zip(program.arg_names, program.args) if arg is not None]
-        try:
-          memory = compiled_memory(program.lower(mesh).compile())
-        except Exception as e:  # noqa: BLE001 - XLA raises its own error types
-          temp = out_of_memory_temporaries(str(e))
-          if temp is None:
-            raise
-          memory = Memory(argument=sum(n for _, n in sizes), output=0, temp=temp, alias=0)   # refused: too big
+        memory = program_memory(program.lower(mesh), topology)
+        if memory.argument < 0:   # refused as too large: its arguments as the caller counts them
+          memory = memory._replace(argument=sum(n for _, n in sizes))
         costs[program.name] = program_cost(memory, program.work, sizes, program.resident)
         log(f"compiled {program.name} in {time.perf_counter() - start:.1f} s")
     finally:
