@@ -27,10 +27,10 @@ TOPOLOGIES = {"3b": "v5p-16", "7b": "v5p-32", "32b": "v5p-256", "72b": "v5p-512"
 JUDGE_PRESETS = {"safety": "7b", "value": "72b", "knowledge": "72b"}
 
 # safework_r1.md section 2: prompts and responses up to 8192 tokens (RolloutSettings' defaults are shorter).
-# Generation runs 8 prompts (64 rows) at a time from a bf16 copy of the policy: with the paper's lengths the
+# Generation runs 16 prompts (128 rows) at a time from a bf16 copy of the policy: with the paper's lengths the
 # whole rollout at once would need ~620 GB of KV cache at 3B (python -m safework.plan; benchmarks/PLAN.md).
 # Training rows keep 1024 * 2^k response columns (the rollout's longest rounded up), not all 8192.
-PAPER_ROLLOUT = dict(max_new_tokens=8192, max_prompt_length=8192, generation_prompts=8, sampling_dtype="bfloat16",
+PAPER_ROLLOUT = dict(max_new_tokens=8192, max_prompt_length=8192, generation_prompts=16, sampling_dtype="bfloat16",
                      compaction_levels=3, response_bucket=1024)
 
 
