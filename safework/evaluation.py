@@ -35,7 +35,8 @@ class EvalSettings:
 
 
 def generate_greedy(model: Qwen25VL, params, processor: Processor, examples: Sequence[Example],
-                    settings: EvalSettings, mesh: jax.sharding.Mesh | None = None) -> tuple[list[str], np.ndarray]:
+                    settings: EvalSettings, mesh: jax.sharding.Mesh | None = None, progress: bool = True
+                    ) -> tuple[list[str], np.ndarray]:
   """Greedy responses (and their token counts), in fixed-size batches (the last padded with repeats)."""
   sampler = Sampler(model, mesh=mesh)
   tokenizer = processor.tokenizer
@@ -46,7 +47,7 @@ def generate_greedy(model: Qwen25VL, params, processor: Processor, examples: Seq
                               pad_id=tokenizer.pad_token_id, vocab_limit=len(tokenizer))
   texts, lengths = [], []
   starts = range(0, len(examples), settings.batch_size)
-  for start in tqdm.tqdm(starts, desc="eval", dynamic_ncols=True, disable=jax.process_index() != 0):
+  for start in tqdm.tqdm(starts, desc="eval", dynamic_ncols=True, disable=not progress or jax.process_index() != 0):
     chunk = list(examples[start:start + settings.batch_size])
     rows = chunk + [chunk[0]] * (settings.batch_size - len(chunk))
     batch = PromptBatch.of(rows, processor, settings.max_prompt_length, settings.bucket_images)

@@ -1,0 +1,76 @@
+"""Judging benchmark responses: the rules always (cheap, offline), a model judge when one is given.
+
+`--judge rules` or `--judge KIND:CHECKPOINT`: KIND names one of the benchmark's judge prompts (its own, e.g.
+HarmBench's classifier or the StrongREJECT rubric, or the paper's safety judge), CHECKPOINT any local Qwen2.5-VL
+judge, run through the project's jitted verdict head (one forward pass per prompt, batched on device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from safework.benchmarks.base import Benchmark, Item, Judgement
+from safework.benchmarks.text_suites import prefix_attack_success
+from safework.verifiers import heads
+from safework.verifiers.model_verifier import ModelVerifier
+from safework.verifiers.refusal import classify_response
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeChoice:
+  kind: str                      # "rules", or a kind of the benchmark's `judges`
+  checkpoint: str | None = None
+
+  @classmethod
+  def parse(cls, text: str) -> "JudgeChoice":
+    kind, _, checkpoint = text.partition(":")
+    if kind == "rules" and not checkpoint:
+      return cls("rules")
+    if not kind or not checkpoint:
+      raise ValueError(f"--judge {text!r}: give 'rules' or KIND:CHECKPOINT (e.g. harmbench:/ckpt/judge)")
+    return cls(kind, checkpoint)
+
+  def check(self, benchmark: Benchmark) -> "JudgeChoice":
+    if self.kind != "rules" and self.kind not in benchmark.judges:
+      raise ValueError(f"{benchmark.name} has no {self.kind!r} judge; its judges: rules, "
+                       f"{', '.join(sorted(benchmark.judges))}")
+    return self
+
+  def __str__(self) -> str:
+    return self.kind if self.checkpoint is None else f"{self.kind}:{self.checkpoint}"
+
+
+def rule_judgements(responses: Sequence[str]) -> list[Judgement]:
+  return [Judgement(refusal=classify_response(r).value,
+                    scores={"prefix_attack_success": float(prefix_attack_success(r))}) for r in responses]
+
+
+def model_judgements(benchmark: Benchmark, items: Sequence[Item], responses: Sequence[str], kind: str,
+                     judge_model, judge_params, judge_processor, mesh: jax.sharding.Mesh | None, rules,
+                     batch_size: int = 16, max_length: int = 4096) -> list[dict[str, tuple[str, float]]]:
+  """Per item, {score name: (verdict, score)} from each of the kind's judge prompts."""
+  out: list[dict[str, tuple[str, float]]] = [{} for _ in items]
+  judged = getattr(benchmark, "judged", lambda item, spec: (spec, item.example()))
+  for name, spec in benchmark.judges[kind].items():
+    groups: dict = {}
+    for i, item in enumerate(items):
+      item_spec, example = judged(item, spec)
+      groups.setdefault(item_spec, []).append((i, example))
+    for item_spec, rows in groups.items():
+      verifier = ModelVerifier(judge_model, judge_params, judge_processor, item_spec, head="verdict", mesh=mesh,
+                               rules=rules, batch_size=batch_size, max_length=max_length)
+      logprobs = verifier.verdict_logprobs([e for _, e in rows], [responses[i] for i, _ in rows])
+      scores = heads.scores_from_logprobs(logprobs, np.asarray(item_spec.scores, np.float32), item_spec.scoring)
+      for (i, _), best, score in zip(rows, np.argmax(logprobs, axis=1), scores):
+        out[i][name] = (item_spec.verdicts[int(best)], float(score))
+  return out
+
+
+def with_model(judgements: Sequence[Judgement], model: Sequence[dict[str, tuple[str, float]]]) -> list[Judgement]:
+  return [dataclasses.replace(j, verdicts={k: v for k, (v, _) in m.items()},
+                              scores={**j.scores, **{k: s for k, (_, s) in m.items()}})
+          for j, m in zip(judgements, model)]

@@ -1,0 +1,167 @@
+r"""Evaluates a checkpoint on safety benchmarks, offline: generate, judge, score, write the tables.
+
+  python -m safework.evaluate --checkpoint DIR --benchmark xstest,strongreject --data /bench/xstest,/bench/sr \
+      --workdir OUT [--judge rules|KIND:JUDGE_CHECKPOINT] [--max_examples N] [--config.max_new_tokens=4096 ...]
+  python -m safework.evaluate --benchmark xstest --completions FILE --workdir OUT [--judge ...]
+
+Responses are generated greedily with the sharded on-device sampler (the checkpoint's chat template, the
+benchmark's images), in batches appended to OUT/NAME/generations.jsonl, so a re-run resumes where it stopped.
+With --completions, the responses of someone else's model are judged instead (the benchmark's prompt column plus
+`completion`; XSTest's `final_label` adds the judge's agreement with the human labels). Every benchmark file is
+read and checked, and the judge checked against each benchmark, before any model is loaded.
+Writes OUT/NAME/{results.json, responses.jsonl, report.md} and OUT/report.md (one row per benchmark).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_BENCHMARK = flags.DEFINE_list("benchmark", None, "Benchmarks to evaluate (comma-separated).", required=True)
+_DATA = flags.DEFINE_list("data", [], "Each benchmark's file or folder, in --benchmark's order.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The policy: a local Hugging Face checkpoint directory.")
+_COMPLETIONS = flags.DEFINE_list("completions", [], "Judge these responses instead of generating (one file per "
+                                 "benchmark, in --benchmark's order).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the results go.", required=True)
+_JUDGE = flags.DEFINE_string("judge", "rules", "rules, or KIND:CHECKPOINT (a benchmark judge prompt and a local "
+                             "Qwen2.5-VL judge checkpoint).")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "Evaluate only the first N items of each benchmark.")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Generation and judging settings (--config.KEY=VALUE)."""
+  return ml_collections.ConfigDict(dict(
+      max_new_tokens=2048, batch_size=32, max_prompt_length=4096, bucket_images=4, dtype="bfloat16",
+      mesh=dict(data=1, fsdp=-1, tensor=1), judge_batch_size=16, judge_max_length=8192))
+
+
+_CONFIG = config_flags.DEFINE_config_dict("config", default_config())
+
+
+def main(argv) -> None:
+  del argv
+  from safework import distributed
+  distributed.initialize_from_env()
+  try:
+    run(_BENCHMARK.value, _DATA.value, _CHECKPOINT.value, _COMPLETIONS.value, Path(_WORKDIR.value),
+        _JUDGE.value, _MAX_EXAMPLES.value, _CONFIG.value)
+  except (ValueError, OSError) as e:   # a bad file, flag or checkpoint: one line that names it
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(1)
+
+
+def run(names, data, checkpoint, completions, workdir: Path, judge_text: str, max_examples, config) -> None:
+  from safework.benchmarks import get_benchmark
+  from safework.benchmarks.judging import JudgeChoice
+  from safework.benchmarks import run as runs
+  benchmarks = [get_benchmark(name) for name in names]
+  judge = JudgeChoice.parse(judge_text)
+  for benchmark in benchmarks:
+    judge.check(benchmark)
+  sources = completions or data
+  if completions and checkpoint:
+    raise ValueError("give --checkpoint (to generate) or --completions (to judge given responses), not both")
+  if not completions and not checkpoint:
+    raise ValueError("give --checkpoint to generate responses, or --completions to judge given ones")
+  if len(sources) != len(benchmarks):
+    flag = "--completions" if completions else "--data"
+    raise ValueError(f"{flag} names {len(sources)} path(s) for {len(benchmarks)} benchmark(s); give one per "
+                     "benchmark, in --benchmark's order")
+  # Every file is read and checked before any model is loaded.
+  items = {b.name: b.read(Path(s))[:max_examples] for b, s in zip(benchmarks, sources)}
+  given = {b.name: runs.read_completions(Path(s)) for b, s in zip(benchmarks, completions)}
+  for name, (texts, _) in given.items():
+    if len(texts) != len(items[name]):
+      raise ValueError(f"{name}: {len(texts)} completions for {len(items[name])} items")
+  generate = None if completions else _generator(checkpoint, config)
+  model_judge = None if judge.kind == "rules" else _model_judge(judge.checkpoint, config)
+  all_results = []
+  for benchmark in benchmarks:
+    out = workdir / benchmark.name
+    if benchmark.name in given:
+      texts, labels = given[benchmark.name]
+      responses = runs.Responses(texts[:max_examples])
+      labels = labels[:max_examples] if labels else None
+    else:
+      identity = {"checkpoint": str(Path(checkpoint).resolve()), "data": str(Path(data[names.index(
+          benchmark.name)]).resolve()), "max_examples": max_examples, **config.to_dict()}
+      with _progress(len(items[benchmark.name]), benchmark.name) as bar:
+        responses = runs.generate_resumably(items[benchmark.name], generate, out, identity, config.batch_size,
+                                            bar.update)
+      labels = None
+    results, judgements = runs.evaluate_responses(benchmark, items[benchmark.name], responses.texts, judge,
+                                                  model_judge, labels)
+    if responses.items_per_s is not None:
+      results["items_per_s"] = responses.items_per_s
+    runs.write_outputs(out, results, items[benchmark.name], responses.texts, judgements)
+    all_results.append(results)
+    logging.info("%s: %s", benchmark.name, {k: v for k, v in results["metrics"].items() if not isinstance(v, dict)})
+  from safework import distributed
+  if distributed.is_main():
+    (workdir / "report.md").write_text(runs.summary(all_results))
+
+
+def _progress(total: int, name: str):
+  import jax
+  import tqdm
+  return tqdm.tqdm(total=total, desc=name, dynamic_ncols=True, disable=jax.process_index() != 0)
+
+
+def _mesh(config):
+  from safework import sharding
+  return sharding.make_mesh(dict(config.mesh))
+
+
+def _load(path: str, config, mesh):
+  import jax.numpy as jnp
+  from safework import sharding
+  from safework.models import from_pretrained
+  from safework.models.checkpoint import abstract_params
+  from safework.processing import Processor
+  processor = Processor.from_pretrained(path)   # the cheap checks before the weights
+  model, params = from_pretrained(path, dtype=jnp.dtype(config.dtype), shardings=lambda m: sharding.param_shardings(
+      abstract_params(m), mesh, sharding.DEFAULT_RULES))
+  return model, params, processor
+
+
+def _generator(checkpoint: str, config):
+  """Greedy responses of the policy, batch by batch."""
+  from safework.evaluation import EvalSettings, generate_greedy
+  mesh = _mesh(config)
+  model, params, processor = _load(checkpoint, config, mesh)
+  settings = EvalSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                          max_prompt_length=config.max_prompt_length, bucket_images=config.bucket_images)
+
+  def generate(items):
+    import jax
+    with jax.set_mesh(mesh):
+      texts, _ = generate_greedy(model, params, processor, [item.example() for item in items], settings, mesh,
+                                 progress=False)
+    return texts
+  return generate
+
+
+def _model_judge(checkpoint: str, config):
+  """Verdicts of a judge checkpoint (loaded on first use, once), for any benchmark's judge prompts."""
+  import functools
+  from safework import sharding
+  from safework.benchmarks.judging import model_judgements
+  mesh = _mesh(config)
+  loaded = functools.cache(lambda: _load(checkpoint, config, mesh))
+
+  def judge(benchmark, items, responses, kind):
+    import jax
+    model, params, processor = loaded()
+    with jax.set_mesh(mesh):
+      return model_judgements(benchmark, items, responses, kind, model, params, processor, mesh,
+                              sharding.DEFAULT_RULES, config.judge_batch_size, config.judge_max_length)
+  return judge
+
+
+if __name__ == "__main__":
+  logging.use_absl_handler()
+  app.run(main)
