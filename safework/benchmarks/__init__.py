@@ -1,10 +1,11 @@
 """Safety benchmarks read in their published formats, judged and scored (`python -m safework.evaluate`)."""
 
 from safework.benchmarks.base import Benchmark, BenchmarkFileError, Item, Judgement
+from safework.benchmarks.multimodal import FLAMES, MSSBench, MMSafetyBench, SIUO
 from safework.benchmarks.text_suites import AdvBench, DoNotAnswer, HarmBench, StrongREJECT, XSTest
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (XSTest(), AdvBench(), HarmBench(), StrongREJECT(),
-                                                         DoNotAnswer())}
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    XSTest(), AdvBench(), HarmBench(), StrongREJECT(), DoNotAnswer(), MMSafetyBench(), MSSBench(), SIUO(), FLAMES())}
 
 
 def get_benchmark(name: str) -> Benchmark:

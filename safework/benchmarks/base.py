@@ -54,7 +54,8 @@ class Judgement:
 
 class Benchmark(Protocol):
   """A benchmark may also define `judged(item, spec) -> (spec, Example)`: what a judge prompt sees of an item
-  (default: the spec as is, `item.example()`)."""
+  (default: the spec as is, `item.example()`); `rule_scores(response) -> {name: score}`: its own rule checks,
+  kept in each `Judgement.scores`; `rules_judge = False` when its metrics need a model judge."""
   name: str
   default_file: str   # read when --data names the benchmark's folder
   # The model-judge prompts its metrics can use, by --judge kind: {score name: judge prompt}.

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 
 from safework.benchmarks.base import Benchmark, Item, Judgement
-from safework.benchmarks.text_suites import prefix_attack_success
 from safework.verifiers import heads
 from safework.verifiers.model_verifier import ModelVerifier
 from safework.verifiers.refusal import classify_response
@@ -35,6 +34,9 @@ class JudgeChoice:
     return cls(kind, checkpoint)
 
   def check(self, benchmark: Benchmark) -> "JudgeChoice":
+    if self.kind == "rules" and not getattr(benchmark, "rules_judge", True):
+      raise ValueError(f"{benchmark.name} is scored by a model judge: give --judge "
+                       f"{next(iter(benchmark.judges))}:CHECKPOINT")
     if self.kind != "rules" and self.kind not in benchmark.judges:
       raise ValueError(f"{benchmark.name} has no {self.kind!r} judge; its judges: rules, "
                        f"{', '.join(sorted(benchmark.judges))}")
@@ -44,9 +46,10 @@ class JudgeChoice:
     return self.kind if self.checkpoint is None else f"{self.kind}:{self.checkpoint}"
 
 
-def rule_judgements(responses: Sequence[str]) -> list[Judgement]:
-  return [Judgement(refusal=classify_response(r).value,
-                    scores={"prefix_attack_success": float(prefix_attack_success(r))}) for r in responses]
+def rule_judgements(benchmark: Benchmark, responses: Sequence[str]) -> list[Judgement]:
+  """The refusal class of every response, and the benchmark's own rule scores (`rule_scores`, where it has any)."""
+  extra = getattr(benchmark, "rule_scores", lambda response: {})
+  return [Judgement(refusal=classify_response(r).value, scores=extra(r)) for r in responses]
 
 
 def model_judgements(benchmark: Benchmark, items: Sequence[Item], responses: Sequence[str], kind: str,

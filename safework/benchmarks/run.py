@@ -98,7 +98,7 @@ def evaluate_responses(benchmark: Benchmark, items: Sequence[Item], responses: S
                        ) -> tuple[dict[str, Any], list[Judgement]]:
   """(results, judgements): `model_judge(benchmark, items, responses, kind)` gives the model verdicts when the
   judge is a model."""
-  judgements = rule_judgements(responses)
+  judgements = rule_judgements(benchmark, responses)
   if judge.kind != "rules":
     judgements = with_model(judgements, model_judge(benchmark, items, responses, judge.kind))
   metrics, categories = benchmark.metrics(items, judgements, judge.kind)

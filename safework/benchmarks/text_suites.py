@@ -167,6 +167,10 @@ class AdvBench:
   def metrics(self, items, judgements, judge):
     return _jailbreak_metrics(items, judgements, judge, prefix=True)
 
+  @staticmethod
+  def rule_scores(response: str) -> dict[str, float]:
+    return {"prefix_attack_success": float(prefix_attack_success(response))}
+
 
 @dataclasses.dataclass(frozen=True)
 class HarmBench:
@@ -203,6 +207,10 @@ class HarmBench:
 
   def metrics(self, items, judgements, judge):
     return _jailbreak_metrics(items, judgements, judge, prefix=True)
+
+  @staticmethod
+  def rule_scores(response: str) -> dict[str, float]:
+    return {"prefix_attack_success": float(prefix_attack_success(response))}
 
 
 @dataclasses.dataclass(frozen=True)
