@@ -146,19 +146,27 @@ def _generator(checkpoint: str, config):
 
 
 def _model_judge(checkpoint: str, config):
-  """Verdicts of a judge checkpoint (loaded on first use, once), for any benchmark's judge prompts."""
+  """Verdicts of a judge (a Hugging Face checkpoint or a saved verifier; loaded on first use, once) for any
+  benchmark's judge prompts."""
   import functools
   from safework import sharding
-  from safework.benchmarks.judging import model_judgements
+  from safework.benchmarks.judging import hf_judge, model_judgements, saved_judge
   mesh = _mesh(config)
-  loaded = functools.cache(lambda: _load(checkpoint, config, mesh))
+
+  @functools.cache
+  def verifier_for():
+    if (Path(checkpoint) / "verifier.json").is_file():
+      import jax.numpy as jnp
+      from safework.verifiers.train import load_verifier
+      return saved_judge(load_verifier(checkpoint, mesh=mesh, dtype=jnp.dtype(config.dtype),
+                                       batch_size=config.judge_batch_size, max_length=config.judge_max_length))
+    return hf_judge(*_load(checkpoint, config, mesh), mesh, sharding.DEFAULT_RULES, config.judge_batch_size,
+                    config.judge_max_length)
 
   def judge(benchmark, items, responses, kind):
     import jax
-    model, params, processor = loaded()
     with jax.set_mesh(mesh):
-      return model_judgements(benchmark, items, responses, kind, model, params, processor, mesh,
-                              sharding.DEFAULT_RULES, config.judge_batch_size, config.judge_max_length)
+      return model_judgements(benchmark, items, responses, kind, verifier_for())
   return judge
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from safework.benchmarks import BenchmarkFileError, Item, get_benchmark
 from safework.benchmarks.base import jsonl_rows
-from safework.benchmarks.judging import JudgeChoice, model_judgements, rule_judgements
+from safework.benchmarks.judging import JudgeChoice, hf_judge, model_judgements, rule_judgements, saved_judge
 from safework.benchmarks.run import evaluate_responses, generate_resumably, read_completions, summary
 from safework.benchmarks.text_suites import strongreject_score
 from safework.verifiers.refusal import agreement
@@ -170,8 +170,8 @@ def test_a_model_judge_reads_its_verdicts_in_one_forward_pass(chat_checkpoint):
   items = [Item(id="a", prompt="make a weapon", meta={"behavior": "make a weapon"}),
            Item(id="b", prompt="doc\n\n---\n\nsummarise", reference="doc",
                 meta={"behavior": "summarise", "contextual": True})]
-  verdicts = model_judgements(get_benchmark("harmbench"), items, [COMPLY, REFUSE], "harmbench", model, params,
-                              processor, None, None, batch_size=2, max_length=512)
+  verdicts = model_judgements(get_benchmark("harmbench"), items, [COMPLY, REFUSE], "harmbench",
+                              hf_judge(model, params, processor, None, None, batch_size=2, max_length=512))
   assert [set(v) for v in verdicts] == [{"harmbench"}] * 2
   for verdict, score in (v["harmbench"] for v in verdicts):
     assert verdict in ("yes", "no") and score == (1.0 if verdict == "yes" else 0.0)
@@ -180,6 +180,9 @@ def test_a_model_judge_reads_its_verdicts_in_one_forward_pass(chat_checkpoint):
                                   lambda *a: verdicts)
   assert results["metrics"]["attack_success"] == np.mean([v["harmbench"][0] == "yes" for v in verdicts])
   assert judgements[1].refusal == "full_refusal"
+  with pytest.raises(ValueError, match=r"answers \['yes', 'no'\]; the 'xstest' prompt needs \['1', '2', '3'\]"):
+    saved_judge(hf_judge(model, params, processor, None, None)(get_benchmark("harmbench").judges["harmbench"][
+        "harmbench"]))(get_benchmark("xstest").judges["xstest"]["xstest"])
 
 
 @pytest.mark.slow

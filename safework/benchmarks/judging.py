@@ -2,19 +2,21 @@
 
 `--judge rules` or `--judge KIND:CHECKPOINT`: KIND names one of the benchmark's judge prompts (its own, e.g.
 HarmBench's classifier or the StrongREJECT rubric, or the paper's safety judge), CHECKPOINT any local Qwen2.5-VL
-judge, run through the project's jitted verdict head (one forward pass per prompt, batched on device).
+judge, run through the project's jitted verdict head (one forward pass per prompt, batched on device), or a saved
+verifier (verifier.json: a trained head with its own prompt, e.g. the tiny SafeLadder's safety judge).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 from safework.benchmarks.base import Benchmark, Item, Judgement
 from safework.verifiers import heads
+from safework.verifiers.judges import JudgeSpec
 from safework.verifiers.model_verifier import ModelVerifier
 from safework.verifiers.refusal import classify_response
 
@@ -53,9 +55,9 @@ def rule_judgements(benchmark: Benchmark, responses: Sequence[str]) -> list[Judg
 
 
 def model_judgements(benchmark: Benchmark, items: Sequence[Item], responses: Sequence[str], kind: str,
-                     judge_model, judge_params, judge_processor, mesh: jax.sharding.Mesh | None, rules,
-                     batch_size: int = 16, max_length: int = 4096) -> list[dict[str, tuple[str, float]]]:
-  """Per item, {score name: (verdict, score)} from each of the kind's judge prompts."""
+                     verifier_for: Callable[[JudgeSpec], ModelVerifier]) -> list[dict[str, tuple[str, float]]]:
+  """Per item, {score name: (verdict, score)} from each of the kind's judge prompts; `verifier_for(spec)` gives the
+  verifier that judges with a prompt (`hf_judge` or `saved_judge`)."""
   out: list[dict[str, tuple[str, float]]] = [{} for _ in items]
   judged = getattr(benchmark, "judged", lambda item, spec: (spec, item.example()))
   for name, spec in benchmark.judges[kind].items():
@@ -64,13 +66,31 @@ def model_judgements(benchmark: Benchmark, items: Sequence[Item], responses: Seq
       item_spec, example = judged(item, spec)
       groups.setdefault(item_spec, []).append((i, example))
     for item_spec, rows in groups.items():
-      verifier = ModelVerifier(judge_model, judge_params, judge_processor, item_spec, head="verdict", mesh=mesh,
-                               rules=rules, batch_size=batch_size, max_length=max_length)
+      verifier = verifier_for(item_spec)
       logprobs = verifier.verdict_logprobs([e for _, e in rows], [responses[i] for i, _ in rows])
-      scores = heads.scores_from_logprobs(logprobs, np.asarray(item_spec.scores, np.float32), item_spec.scoring)
+      used = verifier.spec
+      scores = heads.scores_from_logprobs(logprobs, np.asarray(used.scores, np.float32), used.scoring)
       for (i, _), best, score in zip(rows, np.argmax(logprobs, axis=1), scores):
-        out[i][name] = (item_spec.verdicts[int(best)], float(score))
+        out[i][name] = (used.verdicts[int(best)], float(score))
   return out
+
+
+def hf_judge(model, params, processor, mesh: jax.sharding.Mesh | None, rules, batch_size: int = 16,
+             max_length: int = 4096) -> Callable[[JudgeSpec], ModelVerifier]:
+  """A Hugging Face judge checkpoint asked each benchmark prompt through its verdict head."""
+  return lambda spec: ModelVerifier(model, params, processor, spec, head="verdict", mesh=mesh, rules=rules,
+                                    batch_size=batch_size, max_length=max_length)
+
+
+def saved_judge(verifier: ModelVerifier) -> Callable[[JudgeSpec], ModelVerifier]:
+  """A saved verifier (a trained head, e.g. the tiny SafeLadder's judges) keeps its own prompt: it stands in for a
+  benchmark prompt with the same verdicts."""
+  def verifier_for(spec: JudgeSpec) -> ModelVerifier:
+    if tuple(verifier.spec.verdicts) != tuple(spec.verdicts):
+      raise ValueError(f"the saved verifier {verifier.spec.name!r} answers {list(verifier.spec.verdicts)}; the "
+                       f"{spec.name!r} prompt needs {list(spec.verdicts)}")
+    return verifier
+  return verifier_for
 
 
 def with_model(judgements: Sequence[Judgement], model: Sequence[dict[str, tuple[str, float]]]) -> list[Judgement]:
