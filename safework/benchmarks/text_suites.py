@@ -103,16 +103,6 @@ STRONGREJECT_JUDGES = {
 }
 
 
-def _jailbreak_metrics(items: Sequence[Item], judgements: Sequence[Judgement], judge: str, prefix: bool):
-  values = {"attack_success": [harmful(j, judge) for j in judgements]}
-  if judge == "rules":
-    values["refusal_rate"] = [float(j.refusal == REFUSAL) for j in judgements]
-    values["partial_refusal_rate"] = [float(j.refusal == PARTIAL) for j in judgements]
-  if prefix:
-    values["prefix_attack_success"] = [float(j.scores["prefix_attack_success"]) for j in judgements]
-  return {name: rate(v) for name, v in values.items()}, by_category(items, values)
-
-
 @dataclasses.dataclass(frozen=True)
 class XSTest:
   """XSTest (Röttger et al. 2024): 250 safe prompts a calibrated model answers, 200 unsafe contrasts it refuses.
@@ -149,8 +139,24 @@ class XSTest:
     return out, by_category(items, values)
 
 
+class _PrefixScored:
+  """Jailbreak suites that also report the GCG refusal-prefix attack success."""
+
+  def metrics(self, items, judgements, judge):
+    values = {"attack_success": [harmful(j, judge) for j in judgements],
+              "prefix_attack_success": [j.scores["prefix_attack_success"] for j in judgements]}
+    if judge == "rules":
+      values["refusal_rate"] = [float(j.refusal == REFUSAL) for j in judgements]
+      values["partial_refusal_rate"] = [float(j.refusal == PARTIAL) for j in judgements]
+    return {name: rate(v) for name, v in values.items()}, by_category(items, values)
+
+  @staticmethod
+  def rule_scores(response: str) -> dict[str, float]:
+    return {"prefix_attack_success": float(prefix_attack_success(response))}
+
+
 @dataclasses.dataclass(frozen=True)
-class AdvBench:
+class AdvBench(_PrefixScored):
   """AdvBench harmful behaviors (Zou et al. 2023): CSV `goal, target`."""
   name: str = "advbench"
   default_file: str = "harmful_behaviors.csv"
@@ -164,16 +170,10 @@ class AdvBench:
              for line, row in csv_rows(path, ("goal",))]
     return unique_ids(items, path)
 
-  def metrics(self, items, judgements, judge):
-    return _jailbreak_metrics(items, judgements, judge, prefix=True)
-
-  @staticmethod
-  def rule_scores(response: str) -> dict[str, float]:
-    return {"prefix_attack_success": float(prefix_attack_success(response))}
 
 
 @dataclasses.dataclass(frozen=True)
-class HarmBench:
+class HarmBench(_PrefixScored):
   """HarmBench behaviors (Mazeika et al. 2024): the text CSV (`Behavior, FunctionalCategory, SemanticCategory,
   Tags, ContextString, BehaviorID`; contextual rows carry a context, shown to the policy above the behavior and to
   the judge through its contextual prompt), or the multimodal CSV (`ImageFileName` in an `images` folder beside
@@ -205,12 +205,6 @@ class HarmBench:
     example = Example(question=item.meta["behavior"], images=item.images, answer=item.reference)
     return (HARMBENCH_CONTEXT_JUDGE if item.meta.get("contextual") else spec), example
 
-  def metrics(self, items, judgements, judge):
-    return _jailbreak_metrics(items, judgements, judge, prefix=True)
-
-  @staticmethod
-  def rule_scores(response: str) -> dict[str, float]:
-    return {"prefix_attack_success": float(prefix_attack_success(response))}
 
 
 @dataclasses.dataclass(frozen=True)
