@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from safework.benchmarks.base import (BenchmarkFileError, Item, Judgement, by_category, csv_rows, field, image_in,
                                       jsonl_rows, rate, resolve, unique_ids)
