@@ -87,8 +87,10 @@ def run(names, data, checkpoint, completions, workdir: Path, judge_text: str, ma
       responses = runs.Responses(texts[:max_examples])
       labels = labels[:max_examples] if labels else None
     else:
+      generation = {k: config[k] for k in ("max_new_tokens", "max_prompt_length", "bucket_images", "dtype",
+                                           "batch_size")}   # judging settings may change between runs
       identity = {"checkpoint": str(Path(checkpoint).resolve()), "data": str(Path(data[names.index(
-          benchmark.name)]).resolve()), "max_examples": max_examples, **config.to_dict()}
+          benchmark.name)]).resolve()), "max_examples": max_examples, **generation}
       with _progress(len(items[benchmark.name]), benchmark.name) as bar:
         responses = runs.generate_resumably(items[benchmark.name], generate, out, identity, config.batch_size,
                                             bar.update)
