@@ -315,8 +315,8 @@ class Sampler:
                     next_position=rows, last_logits=rows)
     specs = DecodeState(step=jax.sharding.PartitionSpec(), prefix=prefix, history=rows, logprobs=rows,
                         behaviour_logprobs=rows, done=rows, keys=rows)
-    take = jax.shard_map(lambda st, idx: _take_rows(st, idx[0]), in_specs=(specs, rows), out_specs=specs,
-                         axis_names=frozenset(axes), check_vma=False)
+    take = jax.shard_map(lambda st, idx: _take_rows(st, idx[0]), mesh=self.mesh, in_specs=(specs, rows),
+                         out_specs=specs, axis_names=frozenset(axes), check_vma=False)
     taken = take(state, local)
     return taken.replace(prefix=self._constrain_prefix(taken.prefix))
 
