@@ -63,3 +63,9 @@ def chat_checkpoint(hf_checkpoints, tiny_tokenizer, tmp_path_factory):
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more (kept few and lean)")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow tests first: under xdist they then run beside the many short ones instead of after them (longest
+  first keeps the workers' loads even)."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -9,7 +9,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_runlocal_ladder_improves_safety_and_capability_over_sft(tmp_path):
   env = dict(os.environ, XLA_FLAGS="")
   command = [sys.executable, "-m", "safework.main", "--config=experiments/tiny_safeladder.py:runlocal",
