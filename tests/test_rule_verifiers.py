@@ -5,7 +5,6 @@ import pytest
 
 from safework.data.example import Example
 from safework.verifiers import rules
-from safework.verifiers.refusal import is_refusal
 from safework.verifiers.math_equivalence import last_boxed, math_equal
 from safework.verifiers.recipes import PAPER_RECIPES, RecipeReward, rule_scorer
 
@@ -72,8 +71,7 @@ def test_boxed_extraction_edge_cases():
     ("<think>x</think> You can't go wrong with rice.", False),
 ])
 def test_refusal_detection(response, refused):
-  """The refusal rule the rewards use is the judge checked against XSTest's human labels."""
-  assert is_refusal(response) == refused
+  assert rules.is_refusal(response) == refused
 
 
 def test_length_efficiency_counts_tokens():

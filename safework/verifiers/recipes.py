@@ -15,7 +15,6 @@ import numpy as np
 from safework.data.example import Example
 from safework.rewards.base import Rewards
 from safework.verifiers import rules
-from safework.verifiers.refusal import is_refusal
 
 Scorer = Callable[[Sequence[Example], Sequence[str], np.ndarray], np.ndarray]
 Recipes = Mapping[str, Sequence[tuple[str, float]]]
@@ -42,9 +41,9 @@ def rule_scorer(name: str, max_tokens: int = 1024, target_tokens: int = 0) -> Sc
   whose `meta["harmful"]` is true), instruction_following, efficiency."""
   per_row = {
       "math_rule": lambda e, r, n: rules.math_correct(r, e.answer),
-      "refusal": lambda e, r, n: float(is_refusal(r)),
-      "compliance": lambda e, r, n: 1.0 - float(is_refusal(r)),
-      "refusal_correct": lambda e, r, n: float(is_refusal(r) == bool(e.meta.get("harmful", False))),
+      "refusal": lambda e, r, n: float(rules.is_refusal(r)),
+      "compliance": lambda e, r, n: 1.0 - float(rules.is_refusal(r)),
+      "refusal_correct": lambda e, r, n: float(rules.is_refusal(r) == bool(e.meta.get("harmful", False))),
       "instruction_following": lambda e, r, n: rules.follows_instructions(r, e.meta.get("constraints", {})),
       "efficiency": lambda e, r, n: rules.length_efficiency(int(n), max_tokens, target_tokens),
   }

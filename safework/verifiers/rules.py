@@ -1,5 +1,4 @@
-"""Rule verifiers: response format, the math answer, length efficiency, instruction constraints (refusals:
-`safework.verifiers.refusal`).
+"""Rule verifiers: response format, the math answer, refusals, length efficiency, instruction constraints.
 
 Each is a pure function of one response (and its example); `safework.verifiers.recipes` maps them over a batch.
 Judges and rules see only the final answer: the text after the last `</think>`.
@@ -14,6 +13,14 @@ from safework.verifiers.math_equivalence import last_boxed, math_equal
 
 FORMAT = re.compile(r"\s*<think>.+?</think>\s*\S+", re.DOTALL)
 
+# First-person refusals and safe-completion openers, matched case-insensitively in the final answer.
+REFUSAL = re.compile(
+    r"\b(i\s*(?:am|'m)\s*(?:sorry|afraid|unable|not able)|i\s*(?:can(?:no|')t|cannot|can not|won't|will not|"
+    r"must decline|refuse|do not feel comfortable|don't feel comfortable)\b|(?:cannot|can't|unable to|not able to)"
+    r"\s+(?:help|assist|provide|comply|support|share|fulfil|fulfill)|as an ai\b|against (?:my|our) "
+    r"(?:guidelines|policies|policy)|not (?:appropriate|something i can))", re.IGNORECASE)
+
+
 def final_answer(response: str) -> str:
   """The text after the last `</think>` (the whole response when there is none), stripped."""
   return response.rsplit("</think>", 1)[-1].strip()
@@ -27,6 +34,13 @@ def format_ok(response: str) -> float:
 def math_correct(response: str, gold: str | None) -> float:
   """1 if the last `\\boxed{}` after `</think>` equals the gold answer mathematically."""
   return 1.0 if math_equal(last_boxed(final_answer(response)), gold) else 0.0
+
+
+def is_refusal(response: str) -> bool:
+  """The RL rewards' refusal rule (a first-person refusal anywhere in the final answer). Benchmarks are judged by
+  `verifiers.refusal`, checked against XSTest's human labels; as a reward that judge (which counts a non-answer as a
+  refusal) cut the tiny ladder's safety gain, so the rewards keep this rule until that is understood."""
+  return bool(REFUSAL.search(final_answer(response)))
 
 
 def length_efficiency(num_tokens: int, max_tokens: int, target_tokens: int = 0) -> float:
