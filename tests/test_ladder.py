@@ -34,12 +34,12 @@ def test_runlocal_ladder_improves_safety_and_capability_over_sft(tmp_path):
 def _evaluate_with_the_ladders_own_judge(workdir):
   """The benchmark harness end to end on the tiny preset: the last policy on a few XSTest prompts, judged by the
   ladder's trained safety verifier (its A-F verdicts stand in for the paper's safety judge)."""
-  from safework import evaluate
+  from safework.benchmarks import pipeline
   from tests.test_benchmarks import _xstest
-  config = evaluate.default_config()
+  config = pipeline.default_config()
   config.update(max_new_tokens=8, batch_size=4, dtype="float32", judge_batch_size=4)
   out = workdir / "eval"
-  evaluate.run(["xstest"], [str(_xstest(workdir))], str(workdir / "stages" / "efficient_rl" / "policy"), [], out,
+  pipeline.run(["xstest"], [str(_xstest(workdir))], str(workdir / "stages" / "efficient_rl" / "policy"), [], out,
                f"safety:{workdir / 'verifiers' / 'safety'}", None, config)
   results = json.loads((out / "xstest" / "results.json").read_text())
   rows = [json.loads(line) for line in (out / "xstest" / "responses.jsonl").read_text().splitlines()]
