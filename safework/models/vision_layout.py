@@ -158,17 +158,22 @@ def _segments(grid: np.ndarray, cfg: VisionConfig, padding_items: int):
   return merged_order, window_sizes, frame_lengths, num_patches(padding)
 
 
+def _shape_of(window_sizes: list[int], frame_lengths: list[int], padding_patches: int, cfg: VisionConfig,
+              frame_block: int | None) -> TableShape:
+  unit, window_merged = cfg.merge_unit, cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
+  frame_block = frame_block or bucket_size(max(frame_lengths, default=window_merged**2 * unit), unit, TABLE_BUCKETS)
+  frames = len(frame_lengths) + len(_chunks(padding_patches, frame_block))
+  return TableShape(window_rows=bucket_size(len(window_sizes), WINDOW_ROWS, TABLE_BUCKETS),
+                    frame_rows=bucket_size(frames, 1, TABLE_BUCKETS), frame_block=frame_block)
+
+
 def table_shape(grid_thw: np.ndarray, cfg: VisionConfig, padding_items: int = 0, frame_block: int | None = None,
                 what: str = "image_grid_thw") -> TableShape:
   """The bucketed table sizes `vision_layout` gives `grid_thw` (with frame blocks of `frame_block`, default the
   bucketed longest frame)."""
   grid = validate_grid(grid_thw, cfg.spatial_merge_size, what)
   _, window_sizes, frame_lengths, padding_patches = _segments(grid, cfg, padding_items)
-  unit, window_merged = cfg.merge_unit, cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
-  frame_block = frame_block or bucket_size(max(frame_lengths, default=window_merged**2 * unit), unit, TABLE_BUCKETS)
-  frames = len(frame_lengths) + len(_chunks(padding_patches, frame_block))
-  return TableShape(window_rows=bucket_size(len(window_sizes), WINDOW_ROWS, TABLE_BUCKETS),
-                    frame_rows=bucket_size(frames, 1, TABLE_BUCKETS), frame_block=frame_block)
+  return _shape_of(window_sizes, frame_lengths, padding_patches, cfg, frame_block)
 
 
 def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, what: str = "image_grid_thw", padding_items: int = 0,
@@ -180,9 +185,9 @@ def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, what: str = "image_gr
   The tables come in `tables`' sizes (default `table_shape`'s: bucketed).
   """
   grid = validate_grid(grid_thw, cfg.spatial_merge_size, what)
-  tables = tables or table_shape(grid, cfg, padding_items)
-  unit, window_merged = cfg.merge_unit, cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
   merged_order, window_sizes, frame_lengths, padding_patches = _segments(grid, cfg, padding_items)
+  tables = tables or _shape_of(window_sizes, frame_lengths, padding_patches, cfg, None)
+  unit, window_merged = cfg.merge_unit, cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
   window_order = (merged_order[:, None] * unit + np.arange(unit)).reshape(-1).astype(np.int32)
   return VisionLayout(
       window_order=window_order,
