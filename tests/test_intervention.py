@@ -1,14 +1,20 @@
 """Inference-time intervention: steps of the reasoning, and resuming after a human edit."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
 
+from safework.data.example import Example
 from safework.intervention.edits import edited_prefix, resume_after_edit, split_steps
-from safework.models import from_pretrained
+from safework.intervention.search import StepSearch
+from safework.intervention.settings import SearchSettings
+from safework.models import forward, from_pretrained
 from safework.processing import Processor
 from safework.sampling import Sampler, SamplingSettings
+from safework.sampling.masks import BannedSequences, banned_next
+from safework.sampling.tokens import NO_TOKEN
 
 
 def test_steps_split_at_delimiters_and_an_edit_drops_what_followed():
@@ -51,3 +57,122 @@ def test_resuming_after_an_edit_equals_generating_from_the_edited_text(chat_chec
   other = resume_after_edit(sampler, params, prompt, processor.tokenizer, ["a cat", "a mat on"], settings,
                             jax.random.key(0))
   assert not np.array_equal(np.asarray(other.logprobs), np.asarray(resumed.logprobs))   # the edit is what it reads
+
+
+# -- the step search ---------------------------------------------------------------------------------------------
+
+def test_banned_sequences_mask_the_token_that_would_complete_them():
+  banned = BannedSequences(((3,), (5, 6, 7)))
+  history = np.array([[5, 6, NO_TOKEN], [5, 1, NO_TOKEN], [6, 5, 6]])
+  logits = banned(jnp.zeros((3, 8)), jnp.asarray(history), jnp.asarray(2))
+  expected = np.zeros((3, 8))
+  expected[:, 3] = -np.inf      # a one-token sequence: never
+  expected[0, 7] = -np.inf      # only row 0 ends with 5, 6
+  np.testing.assert_array_equal(np.asarray(logits), expected)
+  early = banned(jnp.zeros((3, 8)), jnp.asarray(history), jnp.asarray(1))   # after one token: no head complete
+  assert np.isinf(np.asarray(early)[:, 7]).sum() == 0
+  assert banned_next([9, 5, 6], banned.sequences) == {7} and banned_next([6], banned.sequences) == set()
+
+
+@pytest.fixture(scope="module")
+def policy(chat_checkpoint):
+  model, params = from_pretrained(chat_checkpoint)
+  processor = Processor.from_pretrained(chat_checkpoint)
+  texts = [processor.render([{"role": "user", "content": [{"type": "text", "text": q}]}])
+           for q in ("what colour is the square?", "a cat")]
+  batch = processor(texts)
+  examples = [Example(question=q) for q in ("what colour is the square?", "a cat")]
+  return model, params, processor, Sampler(model), batch, examples
+
+
+def _distinct_characters(examples, responses, lengths):
+  """A deterministic stand-in verifier that every candidate can score differently on."""
+  return np.array([len(set(r)) / 40 for r in responses], np.float32)
+
+
+def _search(policy, settings, scorer=_distinct_characters, max_new_tokens=8):
+  model, params, processor, sampler, _, _ = policy
+  sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, pad_id=0)
+  return StepSearch(sampler, processor.tokenizer, {"safety": scorer}, settings, sampling)
+
+
+def test_one_greedy_candidate_per_fixed_size_step_is_plain_greedy_decoding(policy):
+  """Steps of 3 tokens, each resumed from the kept cache: the same tokens and log-probs as one decode call."""
+  model, params, processor, sampler, batch, examples = policy
+  settings = SearchSettings(candidates=1, delimiters=(), step_tokens=3, temperature=0.0)
+  results = _search(policy, settings, max_new_tokens=9).run(params, batch, examples, jax.random.key(0))
+  plain = sampler.generate(params, batch, jax.random.key(0), SamplingSettings(max_new_tokens=9, temperature=0.0))
+  for row, result in enumerate(results):
+    assert [len(processor.tokenizer.encode(s.text, add_special_tokens=False)) > 0 for s in result.steps] == [True] * 3
+    np.testing.assert_array_equal(result.tokens, np.asarray(plain.tokens)[row])
+    np.testing.assert_allclose(result.logprobs, np.asarray(plain.logprobs)[row], atol=1e-5)
+    assert result.generated_tokens == 9 and not result.finished
+
+
+def _teacher_forced_logprobs(model, params, batch, row, tokens):
+  ids = np.asarray(batch["input_ids"])[row:row + 1]
+  mask = np.asarray(batch["attention_mask"])[row:row + 1]
+  full = dict(input_ids=np.concatenate([ids, [tokens]], 1), attention_mask=np.concatenate([mask, [[1] * len(tokens)]], 1))
+  logits = np.asarray(forward(model, params, **full), np.float64)[0, ids.shape[1] - 1:-1]
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  return logp[np.arange(len(tokens)), tokens]
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_rerank_keeps_the_best_candidates_and_continues_from_their_caches(policy, beam):
+  """Each kept step is the best its beam drew (beam 1), and the response's log-probs, read from the caches of the
+  kept candidates step after step, equal a teacher-forced forward of prompt + response (a wrong row taken or put
+  would change them)."""
+  model, params, processor, sampler, batch, examples = policy
+  settings = SearchSettings(candidates=3, beam=beam, delimiters=(), step_tokens=3, temperature=1.0)
+  results = _search(policy, settings, max_new_tokens=9).run(params, batch, examples, jax.random.key(1))
+  for row, result in enumerate(results):
+    assert len(result.steps) == 3 and all(len(s.candidates) == 3 * (beam if i == 0 else 1)
+                                          for i, s in enumerate(result.steps[:1]))
+    if beam == 1:
+      assert all(s.score == max(c.score for c in s.candidates) for s in result.steps)
+    assert result.score == _distinct_characters(None, [result.response], None)[0]
+    assert result.response == processor.tokenizer.decode(list(result.tokens), skip_special_tokens=True)
+    np.testing.assert_allclose(result.logprobs, _teacher_forced_logprobs(model, params, batch, row, result.tokens),
+                               atol=1e-4)
+    assert result.generated_tokens == 9 * 3 * beam
+
+
+def test_masking_resamples_without_the_first_tokens_of_rejected_candidates(policy):
+  """Every candidate rejected: greedy resamples draw the 2nd and 3rd most likely first tokens."""
+  model, params, processor, sampler, batch, examples = policy
+  settings = SearchSettings(candidates=1, delimiters=(), step_tokens=2, temperature=0.0, threshold=0.5, resamples=2)
+  never = lambda examples, responses, lengths: np.zeros(len(responses), np.float32)
+  results = _search(policy, settings, scorer=never, max_new_tokens=2).run(params, batch, examples, jax.random.key(0))
+  first = np.asarray(sampler.prefill(params, batch, 2).last_logits)
+  for row, result in enumerate(results):
+    (step,) = result.steps
+    assert step.resampled == 2 and len(step.candidates) == 3
+    firsts = [c.tokens[0] for c in step.candidates]
+    np.testing.assert_array_equal(firsts, np.argsort(-first[row])[:3])
+    assert result.tokens[0] == firsts[-1] and result.generated_tokens == 6
+
+
+def test_a_reviewed_step_resumes_from_the_persons_text(policy):
+  """A person rewrites step 0 of row 1: the row continues as greedy decoding from prompt + their text would."""
+  model, params, processor, sampler, batch, examples = policy
+  settings = SearchSettings(candidates=1, delimiters=(), step_tokens=3, temperature=0.0)
+  seen = []
+
+  def review(prompt, step, text, score):
+    seen.append((prompt, step))
+    return "a cat sits" if (prompt, step) == (1, 0) else None
+
+  results = _search(policy, settings, max_new_tokens=9).run(params, batch, examples, jax.random.key(0), review,
+                                                           edit_slots=8)
+  person = processor.tokenizer.encode("a cat sits", add_special_tokens=False)
+  after = 9 - len(person)   # tokens row 1 generates after the edit, in steps of 3
+  assert sorted(seen) == [(0, s) for s in range(3)] + [(1, s) for s in range(1 + -(-after // 3))]
+  edited = results[1]
+  assert edited.steps[0].edited and edited.steps[0].text == "a cat sits" and edited.tokens[:len(person)] == tuple(person)
+  prompt = sampler.prefill(params, batch, 9, extra_slots=16)
+  resumed = resume_after_edit(sampler, params, prompt, processor.tokenizer, ["", "a cat sits"],
+                              SamplingSettings(max_new_tokens=after, temperature=0.0), jax.random.key(0))
+  np.testing.assert_array_equal(edited.tokens[len(person):], np.asarray(resumed.tokens)[1])
+  assert np.isnan(edited.logprobs[:len(person)]).all() and edited.generated_tokens == 3 + after

@@ -52,6 +52,18 @@ class Prefix:
     return self.replace(cache=cache, key_valid=pick(self.key_valid),
                         next_position=pick(self.next_position), last_logits=pick(self.last_logits))
 
+  def put(self, rows: jax.Array, other: "Prefix") -> "Prefix":
+    """This prefix with its `rows` replaced by `other`'s (continued from the same state, e.g. a step resampled).
+
+    The write index becomes the further of the two: the slots a row never wrote stay invalid, so every row still
+    attends exactly its own tokens."""
+    put = lambda x, y: x.at[rows].set(y)
+    cache = jax.tree.map(lambda x, y: x.at[:, rows].set(y), self.cache, other.cache)   # [Y, B, ...]
+    return self.replace(cache=cache, key_valid=put(self.key_valid, other.key_valid),
+                        write_index=jnp.maximum(self.write_index, other.write_index),
+                        next_position=put(self.next_position, other.next_position),
+                        last_logits=put(self.last_logits, other.last_logits))
+
 
 @flax.struct.dataclass
 class SampleOutput:

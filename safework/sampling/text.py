@@ -40,3 +40,12 @@ def decode_rows(tokenizer, tokens, lengths, stop_strings: Sequence[str] = (),
     text = tokenizer.decode(row[:n].tolist(), skip_special_tokens=skip_special_tokens)
     texts.append(cut_at_stop(text, stop_strings)[0])
   return texts
+
+
+def delimiter_stops(tokenizer, delimiters: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+  """Token sequences that end a step at a delimiter: each delimiter's spellings (`stop_sequences`), and every single
+  token whose text contains one (a tokenizer merges text into a delimiter, e.g. ".\\n\\n" as one token)."""
+  merged = [(i,) for i, text in enumerate(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
+            if any(d in text for d in delimiters)]
+  spelled = stop_sequences(tokenizer, delimiters)
+  return spelled + tuple(s for s in merged if s not in spelled)
