@@ -6,12 +6,18 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from safework import sharding
+from safework.benchmarks import pipeline
 from safework.data.example import Example
+from safework.experiment import section, settings
+from safework.intervention.judges import parse_guides
 from safework.intervention.edits import edited_prefix, resume_after_edit, split_steps
 from safework.intervention.search import StepSearch
 from safework.intervention.settings import SearchSettings
 from safework.models import forward, from_pretrained
+from safework.models.checkpoint import abstract_params
 from safework.processing import Processor
+from safework.report import write_report
 from safework.sampling import Sampler, SamplingSettings
 from safework.sampling.masks import BannedSequences, banned_next
 from safework.sampling.tokens import NO_TOKEN
@@ -176,3 +182,66 @@ def test_a_reviewed_step_resumes_from_the_persons_text(policy):
                               SamplingSettings(max_new_tokens=after, temperature=0.0), jax.random.key(0))
   np.testing.assert_array_equal(edited.tokens[len(person):], np.asarray(resumed.tokens)[1])
   assert np.isnan(edited.logprobs[:len(person)]).all() and edited.generated_tokens == 3 + after
+
+
+def test_search_settings_and_guides_name_what_is_wrong(tmp_path, tiny_tokenizer):
+  assert (SearchSettings.for_mode("mask").candidates, SearchSettings.for_mode("mask").threshold) == (1, 0.5)
+  assert SearchSettings.for_mode("rerank").threshold is None
+  assert SearchSettings.for_mode("rerank+mask", candidates=8).mode == "rerank+mask"
+  with pytest.raises(ValueError, match="intervention 'mask' draws one candidate per step"):
+    SearchSettings.for_mode("mask", candidates=4)
+  with pytest.raises(ValueError, match="'rerank' does not mask"):
+    SearchSettings.for_mode("rerank", threshold=0.3)
+  with pytest.raises(ValueError, match="not one of"):
+    SearchSettings.for_mode("beam")
+  with pytest.raises(ValueError, match="2 candidates drawn greedily would be identical"):
+    SearchSettings(candidates=2, temperature=0.0).validate()
+  gated = SearchSettings(recipes=(("safety", (("safety", 1.0),)), ("*", (("value", 2.0),))))
+  assert gated.recipe("safety") == (("safety", 1.0),) and gated.recipe("math") == (("value", 2.0),)
+  assert SearchSettings(recipes=(("safety", (("safety", 1.0),)),)).recipe("math") == ()
+  assert settings(SearchSettings, section(SearchSettings, recipes=gated.recipes)) == gated   # experiment files
+  with pytest.raises(ValueError, match=r"weighs verifiers \['value'\], which were not given"):
+    StepSearch(None, tiny_tokenizer, {"safety": _distinct_characters}, gated, SamplingSettings())
+  with pytest.raises(ValueError, match="give KIND:CHECKPOINT"):
+    parse_guides(["safety"])
+  with pytest.raises(FileNotFoundError, match="is not a directory"):
+    parse_guides([f"safety:{tmp_path / 'missing'}"])
+  with pytest.raises(ValueError, match="KIND must be one of"):
+    parse_guides([f"harmfulness:{tmp_path}"])
+  config = pipeline.default_config()
+  with pytest.raises(ValueError, match="needs a verifier to guide it"):
+    pipeline.search_settings("rerank", {}, config)
+  with pytest.raises(ValueError, match="add --intervention"):
+    pipeline.search_settings(None, {"safety": str(tmp_path)}, config)
+  assert pipeline.search_settings("mask", {"safety": str(tmp_path)}, config).threshold == 0.5
+
+
+def test_the_report_marks_evaluations_with_an_intervention(tmp_path):
+  plain = {"stage": "sft", "step": 3, "capability": 0.1, "safety": 0.5, "value": 1.0, "format": 1.0,
+           "response_tokens": 20.0}
+  searched = dict(plain, intervention="rerank", safety=0.8, generated_tokens=90.0, seconds_per_answer=0.2)
+  write_report(tmp_path, [plain, searched], {})
+  table = (tmp_path / "report.md").read_text()
+  assert "| sft | 3 | 0.100 | 0.500 | 1.000 | 1.000 | 20.000 | nan | nan |" in table
+  assert "| sft + rerank | 3 | 0.100 | 0.800 | 1.000 | 1.000 | 20.000 | 90.000 | 0.200 |" in table
+  assert (tmp_path / "ai45.png").stat().st_size > 0
+
+
+def test_the_search_on_a_mesh_equals_the_search_on_one_device(policy, chat_checkpoint):
+  """Beams of 2, 2 candidates, every step rejected once and resampled with masks (take, put and the masks on
+  sharded caches): the same responses, scores and log-probs as on one device."""
+  model, params, processor, sampler, batch, examples = policy
+  settings = SearchSettings(candidates=2, beam=2, delimiters=(), step_tokens=3, threshold=0.99, resamples=1)
+  sampling = SamplingSettings(max_new_tokens=6, temperature=0.0, pad_id=0)
+  expected = StepSearch(sampler, processor.tokenizer, {"safety": _distinct_characters}, settings,
+                        sampling).run(params, batch, examples, jax.random.key(3))
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+  _, sharded = from_pretrained(chat_checkpoint, shardings=lambda m: sharding.param_shardings(
+      abstract_params(m), mesh, sharding.DEFAULT_RULES))
+  with jax.set_mesh(mesh):
+    got = StepSearch(Sampler(model, mesh=mesh), processor.tokenizer, {"safety": _distinct_characters}, settings,
+                     sampling).run(sharded, batch, examples, jax.random.key(3))
+  assert all(step.resampled == 1 for result in expected for step in result.steps)
+  for a, b in zip(got, expected):
+    assert (a.tokens, a.score, a.steps) == (b.tokens, b.score, b.steps)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

@@ -26,7 +26,7 @@ import numpy as np
 from safework.data.example import Example
 from safework.distributed import host_array
 from safework.intervention.settings import SearchSettings
-from safework.sampling.masks import BannedSequences, banned_next, force_next_token, mask_next_tokens
+from safework.sampling.masks import BannedSequences, Chain, GreedyEvery, banned_next, force_next_token, mask_next_tokens
 from safework.sampling.sampler import Prefix, Sampler, bucket_length
 from safework.sampling.settings import SamplingSettings
 from safework.sampling.text import delimiter_stops, stop_sequences
@@ -86,6 +86,10 @@ class _Pool:
   resampled: np.ndarray               # [R]
 
 
+def _chain(processors: tuple):
+  return None if not processors else processors[0] if len(processors) == 1 else Chain(processors)
+
+
 def judged_text(response: str) -> str:
   """What the verifiers read of a partial response: the response once its final answer has begun (they judge the
   text after `</think>`), before that the reasoning so far without its think tags, so a step inside the reasoning
@@ -101,19 +105,24 @@ class StepSearch:
   def __init__(self, sampler: Sampler, tokenizer, scorers: Mapping[str, Scorer], settings: SearchSettings,
                sampling: SamplingSettings):
     self.settings = settings.validate()
-    missing = sorted({name for name, _ in settings.weights} - set(scorers))
+    missing = sorted(settings.verifiers - set(scorers))
     if missing:
       raise ValueError(f"the search weighs verifiers {missing}, which were not given (given: {sorted(scorers)})")
     banned = stop_sequences(tokenizer, settings.banned)
-    if banned and sampling.logits_processor is not None:
-      raise ValueError("banned strings take the sampler's logits processor, which is already set")
     self.sampler, self.tokenizer, self.scorers, self.banned = sampler, tokenizer, scorers, banned
     self.max_new_tokens = sampling.max_new_tokens
     self.answer_ends = (set(sampling.eos_ids), sampling.stop_sequences)
+    self.processors = tuple(p for p in (sampling.logits_processor, BannedSequences(banned) if banned else None) if p)
+    self.completion_sampling = sampling.replace(   # the lookahead: greedy to the end of the answer
+        temperature=0.0, top_p=1.0, logits_processor=_chain(self.processors))
     self.step_sampling = sampling.replace(
         temperature=settings.temperature, top_p=settings.top_p,
-        stop_sequences=sampling.stop_sequences + delimiter_stops(tokenizer, settings.delimiters),
-        logits_processor=BannedSequences(banned) if banned else sampling.logits_processor)
+        stop_sequences=sampling.stop_sequences + delimiter_stops(tokenizer, settings.delimiters))
+
+  def _candidate_sampling(self, samples: int, budget: int) -> SamplingSettings:
+    """A step's candidates: `samples` per row, each row's first one greedy with `greedy_first`."""
+    greedy = (GreedyEvery(samples),) if self.settings.greedy_first and self.settings.temperature > 0 else ()
+    return self.step_sampling.replace(max_new_tokens=budget, logits_processor=_chain(self.processors + greedy))
 
   # -- the host's view of candidates ---------------------------------------------------------------------------
 
@@ -125,14 +134,19 @@ class StepSearch:
     return bool(tokens) and (tokens[-1] in eos or any(tuple(tokens[-len(s):]) == s for s in stops))
 
   def _score(self, examples: Sequence[Example], responses: Sequence[str]) -> np.ndarray:
-    """The weighted mean of the verifiers' scores, each verifier called once on all rows."""
-    if not responses:
-      return np.zeros(0, np.float32)
+    """Each row's recipe: the weighted mean of its verifiers' scores (0 for rows no recipe judges), each verifier
+    called once on all the rows it judges."""
     judged = [judged_text(r) for r in responses]
-    lengths = np.zeros(len(judged), np.int32)
-    total = sum(w for _, w in self.settings.weights)
-    return sum(w * np.asarray(self.scorers[name](examples, judged, lengths), np.float32)
-               for name, w in self.settings.weights) / total
+    recipes = [dict(self.settings.recipe(e.label)) for e in examples]
+    total, weight = np.zeros(len(judged), np.float32), np.zeros(len(judged), np.float32)
+    for name in sorted(self.settings.verifiers):
+      rows = [i for i, recipe in enumerate(recipes) if name in recipe]
+      if rows:
+        scores = self.scorers[name]([examples[i] for i in rows], [judged[i] for i in rows], np.zeros(len(rows)))
+        w = np.array([recipes[i][name] for i in rows], np.float32)
+        total[rows] += w * np.asarray(scores, np.float32)
+        weight[rows] += w
+    return total / np.maximum(weight, 1e-9)
 
   # -- one step ------------------------------------------------------------------------------------------------
 
@@ -142,11 +156,29 @@ class StepSearch:
     eos = sorted(self.answer_ends[0])
     if done.any() and eos:   # finished beams end their (ignored) candidates at once
       prefix = force_next_token(prefix, done, eos[0])
-    out = self.sampler.decode(params, prefix, rng, self.step_sampling.replace(max_new_tokens=budget),
-                              num_samples=samples, keep_prefix=True)
+    out = self.sampler.decode(params, prefix, rng, self._candidate_sampling(samples, budget), num_samples=samples,
+                              keep_prefix=True)
     tokens, lengths, logprobs = (host_array(x) for x in (out.tokens, out.lengths, out.logprobs))
     return out.prefix, [t[:n].tolist() for t, n in zip(tokens, lengths)], [lp[:n].tolist()
                                                                            for lp, n in zip(logprobs, lengths)]
+
+  def _complete(self, params, prefix: Prefix, rows: list[int], drawn: list[tuple[int, ...]]) -> list[list[int]]:
+    """Greedy completions of `prefix`'s `rows` (whose responses so far are `drawn`) to the end of the answer, in one
+    compacting decode call; a row whose answer has ended, or that is at max_new_tokens, gets none."""
+    rooms = [0 if self._ends_answer(d) else self.max_new_tokens - len(d) for d in drawn]
+    budget = min(self.max_new_tokens, prefix.capacity - int(prefix.write_index))   # one program for every step
+    if budget < 1 or max(rooms) < 1:
+      return [[] for _ in rows]
+    picked = rows + [rows[0]] * (bucket_length(len(rows), minimum=1) - len(rows))
+    start = prefix.take(jnp.asarray(picked))
+    eos = sorted(self.answer_ends[0])
+    if eos:
+      start = force_next_token(start, np.array([room < 1 for room in rooms] + [True] * (len(picked) - len(rows))),
+                               eos[0])
+    out = self.sampler.decode(params, start, jax.random.key(0), self.completion_sampling.replace(
+        max_new_tokens=budget), keep_prefix=True, compact=True)   # keep: no buffer of a compacting loop is reused
+    tokens, lengths = host_array(out.tokens), host_array(out.lengths)
+    return [tokens[i, :min(lengths[i], room)].tolist() if room > 0 else [] for i, room in enumerate(rooms)]
 
   def _fork(self, params, prefix: Prefix, flat: list[_Beam], examples: list[Example], rng, samples: int,
             budget: int, generated: np.ndarray, owner: list[int]) -> _Pool:
@@ -167,13 +199,25 @@ class StepSearch:
           tokens[c], logprobs[c] = tokens[c][:room], logprobs[c][:room]
           generated[owner[r]] += len(tokens[c])
       cands = [c for r in todo for c in candidate_rows(r)]
-      scores[cands] = self._score([examples[owner[c // samples]] for c in cands],
-                                  [self._text(flat[c // samples].tokens + tuple(tokens[c])) for c in cands])
+      # A beam's identical candidates (a confident policy draws many) are completed and scored once.
+      first_of = {}
+      same = [first_of.setdefault((c // samples, tuple(tokens[c])), c) for c in cands]
+      distinct = sorted(set(same))
+      drawn = [flat[c // samples].tokens + tuple(tokens[c]) for c in distinct]
+      if settings.lookahead:
+        completions = self._complete(params, pool_prefix, distinct, drawn)
+        for c, completion in zip(distinct, completions):
+          generated[owner[c // samples]] += len(completion)
+        drawn = [d + tuple(completion) for d, completion in zip(drawn, completions)]
+      scores[distinct] = self._score([examples[owner[c // samples]] for c in distinct],
+                                     [self._text(d) for d in drawn])
+      scores[cands] = scores[same]
       for c in cands:
         history[c // samples].append(Candidate(self._text(tokens[c]), float(scores[c]), tuple(tokens[c])))
       if settings.threshold is None or attempt == settings.resamples:
         break
-      todo = [r for r in todo if scores[list(candidate_rows(r))].max() < settings.threshold]
+      todo = [r for r in todo if self.settings.recipe(examples[owner[r]].label)
+              and scores[list(candidate_rows(r))].max() < settings.threshold]
       if not todo:
         break
       for r in todo:
@@ -253,7 +297,8 @@ class StepSearch:
     settings, examples = self.settings, list(examples)
     if review is not None and settings.beam != 1:
       raise ValueError(f"a person reviews one chosen step per prompt: use beam 1 (got {settings.beam})")
-    prefix = self.sampler.prefill(params, batch, self.max_new_tokens + settings.step_tokens, extra_slots=edit_slots)
+    reserve = self.max_new_tokens * (2 if settings.lookahead else 1) + settings.step_tokens   # see the module doc
+    prefix = self.sampler.prefill(params, batch, reserve, extra_slots=edit_slots)
     groups = [[_Beam()] for _ in examples]
     generated = np.zeros(len(examples), int)
     for step in itertools.count():

@@ -39,6 +39,29 @@ class BannedSequences:
     return logits
 
 
+@dataclasses.dataclass(frozen=True)
+class GreedyEvery:
+  """A logits processor under which every `period`-th row (0, period, 2 period, ...) decodes greedily: with G
+  samples per row, each row's first sample is its greedy continuation."""
+  period: int
+
+  def __call__(self, logits: jax.Array, history: jax.Array, step: jax.Array) -> jax.Array:
+    greedy = (jnp.arange(logits.shape[0]) % self.period == 0)[:, None]
+    best = logits == jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.where(greedy & ~best, -jnp.inf, logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+  """Logits processors applied in order."""
+  processors: tuple
+
+  def __call__(self, logits: jax.Array, history: jax.Array, step: jax.Array) -> jax.Array:
+    for processor in self.processors:
+      logits = processor(logits, history, step)
+    return logits
+
+
 def banned_next(tokens: Sequence[int], sequences: Sequence[Sequence[int]]) -> set[int]:
   """The tokens that would complete a banned sequence right after `tokens` (a row's response so far, on the host):
   what a decode call that resumes there masks first, since its processor sees only the tokens the call draws (a
