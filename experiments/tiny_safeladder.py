@@ -13,6 +13,7 @@ import ml_collections
 from experiments import common, efficient_rl, m3rl_kg, m3rl_svkg, sft
 from safework.evaluation import EvalSettings
 from safework.experiment import parse_arg, section
+from safework.intervention.settings import SearchSettings
 
 
 def get_config(arg=None):
@@ -26,6 +27,14 @@ def get_config(arg=None):
       value=dict(judge, judge="value", instruction="Question: {question}\nResponse: {answer}\nValue verdict:"))
   config.eval = section(EvalSettings, max_new_tokens=48, batch_size=40 if arg.runlocal else 50, max_prompt_length=80)
   config.stage_order = ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"]
+  # The first and the last checkpoint are evaluated a second time with the verifier-guided step search: a step is
+  # the reasoning (up to </think>) or the answer, 4 candidates each (the first greedy), each valued by the tiny
+  # judges on its greedy completion (they read final answers); capability rows are not judged (no gold answers at
+  # inference time), so they keep the greedy answer.
+  config.intervention_stages = ["sft", "efficient_rl"]
+  judged = {"safety": [["safety", 1.0]], "safety_rule": [["safety", 1.0]], "value": [["value", 1.0]]}
+  config.intervention = section(SearchSettings, candidates=4, delimiters=("</think>",), step_tokens=32,
+                                lookahead=True, recipes=tuple((label, recipe) for label, recipe in judged.items()))
   config.stages = ml_collections.ConfigDict()
   config.stages.sft = sft.stage("tiny", arg.runlocal)
   if not arg.runlocal:

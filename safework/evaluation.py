@@ -9,6 +9,7 @@ Greedy decoding on a test split, then rule checks with the split's own labels:
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
 import jax
@@ -17,6 +18,7 @@ import tqdm
 
 from safework import distributed
 from safework.data.example import Example
+from safework.intervention.search import StepSearch
 from safework.models.qwen2_5_vl import Qwen25VL
 from safework.processing import Processor
 from safework.sampling import PromptBatch, Sampler, SamplingSettings
@@ -34,27 +36,49 @@ class EvalSettings:
   bucket_images: int = 4         # sizes per octave of a batch's image patches (a blank image pads up); 0: none
 
 
-def generate_greedy(model: Qwen25VL, params, processor: Processor, examples: Sequence[Example],
-                    settings: EvalSettings, mesh: jax.sharding.Mesh | None = None, progress: bool = True
-                    ) -> tuple[list[str], np.ndarray]:
-  """Greedy responses (and their token counts), in fixed-size batches (the last padded with repeats)."""
-  sampler = Sampler(model, mesh=mesh)
-  tokenizer = processor.tokenizer
+def eval_sampling(model: Qwen25VL, tokenizer, max_new_tokens: int) -> SamplingSettings:
+  """Greedy decoding that stops at the checkpoint's and the tokenizer's end tokens."""
   eos = model.config.eos_token_id
   eos_ids = set(eos) if isinstance(eos, tuple) else {eos} if eos is not None else set()
-  sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, temperature=0.0,
-                              eos_ids=tuple(sorted((eos_ids | {tokenizer.eos_token_id}) - {None})),
-                              pad_id=tokenizer.pad_token_id, vocab_limit=len(tokenizer))
-  texts, lengths = [], []
+  return SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0,
+                          eos_ids=tuple(sorted((eos_ids | {tokenizer.eos_token_id}) - {None})),
+                          pad_id=tokenizer.pad_token_id, vocab_limit=len(tokenizer))
+
+
+@dataclasses.dataclass(frozen=True)
+class Generations:
+  responses: list[str]
+  lengths: np.ndarray            # [n] tokens of each response
+  generated_tokens: np.ndarray   # [n] tokens sampled for each (all candidates of a step search)
+  seconds: float                 # wall time of the whole generation
+
+
+def generate(model: Qwen25VL, params, processor: Processor, examples: Sequence[Example], settings: EvalSettings,
+             mesh: jax.sharding.Mesh | None = None, search: StepSearch | None = None, progress: bool = True,
+             rng: jax.Array | None = None) -> Generations:
+  """Greedy responses, or the step search's, in fixed-size batches (the last padded with repeats)."""
+  sampler = search.sampler if search is not None else Sampler(model, mesh=mesh)
+  sampling = eval_sampling(model, processor.tokenizer, settings.max_new_tokens)
+  rng = jax.random.key(0) if rng is None else rng
+  texts, lengths, generated = [], [], []
+  start_time = time.perf_counter()
   starts = range(0, len(examples), settings.batch_size)
-  for start in tqdm.tqdm(starts, desc="eval", dynamic_ncols=True, disable=not progress or jax.process_index() != 0):
+  for start in tqdm.tqdm(starts, desc="eval" if search is None else f"eval ({search.settings.mode})",
+                         dynamic_ncols=True, disable=not progress or jax.process_index() != 0):
     chunk = list(examples[start:start + settings.batch_size])
     rows = chunk + [chunk[0]] * (settings.batch_size - len(chunk))
-    batch = PromptBatch.of(rows, processor, settings.max_prompt_length, settings.bucket_images)
-    out = sampler.generate(params, batch.arrays(), jax.random.key(0), sampling)
-    texts += decode_rows(tokenizer, out.tokens, out.lengths)[:len(chunk)]
+    batch = PromptBatch.of(rows, processor, settings.max_prompt_length, settings.bucket_images).arrays()
+    if search is not None:
+      results = search.run(params, batch, rows, jax.random.fold_in(rng, start))[:len(chunk)]
+      texts += [r.response for r in results]
+      lengths += [len(r.tokens) for r in results]
+      generated += [r.generated_tokens for r in results]
+      continue
+    out = sampler.generate(params, batch, rng, sampling)
+    texts += decode_rows(processor.tokenizer, out.tokens, out.lengths)[:len(chunk)]
     lengths += distributed.host_array(out.lengths)[:len(chunk)].tolist()
-  return texts, np.asarray(lengths)
+  generated = generated or lengths
+  return Generations(texts, np.asarray(lengths), np.asarray(generated), time.perf_counter() - start_time)
 
 
 def score(examples: Sequence[Example], responses: Sequence[str], lengths: np.ndarray) -> dict[str, float]:
@@ -82,6 +106,11 @@ def score(examples: Sequence[Example], responses: Sequence[str], lengths: np.nda
 
 
 def evaluate(model: Qwen25VL, params, processor: Processor, examples: Sequence[Example], settings: EvalSettings,
-             mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
-  responses, lengths = generate_greedy(model, params, processor, examples, settings, mesh)
-  return score(examples, responses, lengths)
+             mesh: jax.sharding.Mesh | None = None, search: StepSearch | None = None) -> dict[str, float]:
+  """The scores of greedy decoding (or of the step search), with what generating cost: tokens sampled and seconds
+  per answer."""
+  out = generate(model, params, processor, examples, settings, mesh, search)
+  scores = score(examples, out.responses, out.lengths)
+  scores["generated_tokens"] = float(np.mean(out.generated_tokens)) if len(examples) else float("nan")
+  scores["seconds_per_answer"] = out.seconds / max(1, len(examples))
+  return scores

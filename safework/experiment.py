@@ -77,7 +77,7 @@ def section(cls: type, **changes: Any) -> ml_collections.ConfigDict:
   for name, field in fields.items():
     value = changes.get(name, field.default if field.default is not dataclasses.MISSING else field.default_factory())
     if isinstance(value, tuple):
-      value = [list(v) if isinstance(v, tuple) else v for v in value]
+      value = _lists(value)
     if value is None and _scalar_type(hints[name]) is not None:
       value = config_dict.placeholder(_scalar_type(hints[name]))
     out[name] = value
@@ -92,9 +92,17 @@ def settings(cls: type[T], section: Any, **extra: Any) -> T:
   hints = typing.get_type_hints(cls)
   for name, value in values.items():   # ConfigDicts hold lists where the dataclasses want tuples
     if isinstance(value, list) and _wants_tuple(hints[name]):
-      values[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+      values[name] = _tuples(value)
   out = cls(**values)
   return out.validate() if hasattr(out, "validate") else out
+
+
+def _lists(value):
+  return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value):
+  return tuple(_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
 
 
 def _wants_tuple(annotation) -> bool:

@@ -1,7 +1,8 @@
 """SafeLadder end to end: data, verifiers, then each stage from the previous stage's policy, evaluated after each.
 
 A stage writes `stages/<name>/policy` (a Hugging Face checkpoint: the next stage's start and its KL reference)
-and `stages/<name>/eval.json`; a stage whose outputs exist is not run again, and a stage interrupted mid-way
+and `stages/<name>/eval.json` (and, for the stages in `intervention_stages`, `eval_<mode>.json`: the same
+evaluation with the verifier-guided step search); a stage whose outputs exist is not run again, and a stage interrupted mid-way
 resumes from its own checkpoints, so re-running the command continues the ladder. Every stage section is parsed
 before anything is built or trained; each stage is built by `safework.stages`, like a single-stage experiment.
 """
@@ -21,12 +22,15 @@ from safework import distributed, sharding
 from safework.data import tiny_suite
 from safework.data.tiny_builder import SuiteData, TinySuiteConfig, build, example_of
 from safework.data.user_builders import Judgments, decode, prepare
-from safework.evaluation import EvalSettings, evaluate
+from safework.evaluation import EvalSettings, eval_sampling, evaluate
 from safework.experiment import settings
+from safework.intervention.search import StepSearch
+from safework.intervention.settings import SearchSettings
 from safework.models import Qwen25VL, get_preset, init_params
-from safework.policy import PolicySettings, load_processor
+from safework.policy import PolicySettings, load_processor, policy_model, policy_params
 from safework.processing import Processor
 from safework.report import write_report
+from safework.sampling import Sampler
 from safework.stages import Stage, parse_stage, run_stage
 from safework.training import read_metrics
 from safework.verifiers.judges import JUDGES
@@ -106,6 +110,8 @@ class Ladder:
   judges: dict[str, TinyJudgeSettings]
   stages: dict[str, Stage]   # in order
   eval: EvalSettings
+  intervention: SearchSettings | None = None   # the step search the checkpoints of `intervention_stages` are
+  intervention_stages: tuple[str, ...] = ()    # evaluated with a second time
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Ladder":
@@ -113,10 +119,43 @@ class Ladder:
     unknown = sorted(set(config.stage_order) - set(config.stages))
     if unknown:
       raise ValueError(f"stage_order names {unknown}, which config.stages does not define ({sorted(config.stages)})")
+    intervention_stages = tuple(config.get("intervention_stages", ()))
+    unknown = sorted(set(intervention_stages) - set(config.stage_order))
+    if unknown:
+      raise ValueError(f"intervention_stages names {unknown}, which stage_order does not run ({config.stage_order})")
+    intervention = settings(SearchSettings, config.intervention) if intervention_stages else None
+    if intervention is not None and intervention.verifiers - set(judges):
+      raise ValueError(f"the intervention's recipes use verifiers {sorted(intervention.verifiers - set(judges))}; "
+                       f"the ladder trains {sorted(judges)} (config.verifiers)")
     return cls(seed=config.seed, mesh=dict(config.mesh), rules=sharding.rules_of(config.sharding_rules),
                policy=settings(PolicySettings, config.model), data_sizes=config.data.to_dict(), judges=judges,
                stages={n: parse_stage(config.stages[n], extra_scorers=tuple(judges)) for n in config.stage_order},
-               eval=settings(EvalSettings, config.eval))
+               eval=settings(EvalSettings, config.eval), intervention=intervention,
+               intervention_stages=intervention_stages)
+
+  def evaluate_intervened(self, name: str, out: Path, mesh, test, verifiers) -> dict:
+    """The stage's policy evaluated with the step search guided by the ladder's judges (once; kept in
+    `eval_<mode>.json`)."""
+    mode = self.intervention.mode
+    path = out / f"eval_{mode}.json"
+    if not path.is_file():
+      start = time.perf_counter()
+      policy = dataclasses.replace(self.policy, checkpoint=str(out / "policy"))
+      model, processor = policy_model(policy), load_processor(policy, out)
+      params = policy_params(policy, model, mesh, self.rules)
+      sampling = eval_sampling(model, processor.tokenizer, self.eval.max_new_tokens)
+      search = StepSearch(Sampler(model, mesh=mesh, rules=self.rules), processor.tokenizer, verifiers,
+                          self.intervention, sampling)
+      with jax.set_mesh(mesh):
+        scores = evaluate(model, params, processor, test, self.eval, mesh, search)
+      plain = json.loads((out / "eval.json").read_text())
+      if distributed.is_main():
+        path.write_text(json.dumps({"stage": name, "intervention": mode, "step": plain["step"], **scores}, indent=2))
+      distributed.wait_for_all()
+      log.info("stage %s with the %s intervention: capability %.3f, safety %.3f, %.0f tokens sampled per answer "
+               "(%.0f s)", name, mode, scores["capability"], scores["safety"], scores["generated_tokens"],
+               time.perf_counter() - start)
+    return json.loads(path.read_text())
 
   def run(self, workdir: str | Path) -> Path:
     """Runs (or continues) the ladder in `workdir`; returns the report's path."""
@@ -146,6 +185,8 @@ class Ladder:
                result["capability"], result["safety"], result["value"], result["response_tokens"],
                time.perf_counter() - start)
       checkpoints.append(result)
+      if name in self.intervention_stages:
+        checkpoints.append(self.evaluate_intervened(name, out, mesh, test, verifiers))
       curves[name] = read_metrics(out)
       previous = str(out / "policy")
     if distributed.is_main():

@@ -18,15 +18,32 @@ def _finite(value) -> bool:
   return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _name(checkpoint: dict) -> str:
+  """A checkpoint's row name: its stage, and the inference-time intervention it was evaluated with, if any."""
+  return checkpoint["stage"] + (f" + {checkpoint['intervention']}" if checkpoint.get("intervention") else "")
+
+
 def plot_ai45(checkpoints: Sequence[dict], path: Path) -> None:
-  """Capability (x) against safety (y) per checkpoint, in training order, with the 45° diagonal."""
+  """Capability (x) against safety (y) per checkpoint, in training order, with the 45° diagonal; evaluations with
+  an inference-time intervention are stars, an arrow from the same checkpoint without it."""
   fig, ax = plt.subplots(figsize=(5, 5))
-  xs = [c["capability"] for c in checkpoints]
-  ys = [c["safety"] for c in checkpoints]
+  trained = [c for c in checkpoints if not c.get("intervention")]
+  xs = [c["capability"] for c in trained]
+  ys = [c["safety"] for c in trained]
   ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="AI-45° diagonal")
-  ax.plot(xs, ys, "-o", color="tab:blue")
-  for i, (c, x, y) in enumerate(zip(checkpoints, xs, ys)):
+  ax.plot(xs, ys, "-o", color="tab:blue", label="checkpoints")
+  for i, (c, x, y) in enumerate(zip(trained, xs, ys)):
     ax.annotate(c["stage"], (x, y), textcoords="offset points", xytext=(6, 8 - 12 * (i % 2)), fontsize=8)
+  plain = {c["stage"]: c for c in trained}
+  intervened = [c for c in checkpoints if c.get("intervention")]
+  for i, c in enumerate(intervened):
+    ax.plot(c["capability"], c["safety"], "*", color="tab:orange", ms=12, label="with intervention" if i == 0 else None)
+    if c["stage"] in plain:
+      base = plain[c["stage"]]
+      ax.annotate("", (c["capability"], c["safety"]), (base["capability"], base["safety"]),
+                  arrowprops=dict(arrowstyle="->", color="tab:orange", lw=1))
+    ax.annotate(_name(c), (c["capability"], c["safety"]), textcoords="offset points", xytext=(-4, 9), fontsize=8,
+                color="tab:orange", ha="right" if c["capability"] > 0.5 else "left")
   ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="capability (test accuracy)", ylabel="safety (test)",
          title="Capability and safety per checkpoint")
   ax.legend(loc="lower right")
@@ -55,7 +72,8 @@ def plot_rewards(curves: dict[str, list[dict]], path: Path) -> None:
     ax.axvline(offset + last, color="grey", lw=0.5)
     offset += last
   ax.set(xlabel="RL step (stages in order)", ylabel="mean reward", title="Reward components")
-  ax.legend(fontsize=7, ncol=3)
+  if colours:
+    ax.legend(fontsize=7, ncol=3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -67,16 +85,17 @@ def write_report(workdir: str | Path, checkpoints: Sequence[dict], curves: dict[
   plot_ai45(checkpoints, workdir / "ai45.png")
   plot_rewards(curves, workdir / "rewards.png")
   keys = [k for k in ("capability", "safety", "value", "format", "response_tokens") if k in checkpoints[0]]
+  keys += [k for k in ("generated_tokens", "seconds_per_answer") if any(k in c for c in checkpoints)]
   lines = ["# SafeLadder run report", "", "| stage | step | " + " | ".join(keys) + " |",
            "|---|---|" + "---|" * len(keys)]
   for c in checkpoints:
-    lines.append(f"| {c['stage']} | {c['step']} | " + " | ".join(f"{c[k]:.3f}" for k in keys) + " |")
+    lines.append(f"| {_name(c)} | {c['step']} | " + " | ".join(f"{c.get(k, float('nan')):.3f}" for k in keys) + " |")
   tasks = sorted({k for c in checkpoints for k in c if k.startswith("task/")})
   if tasks:
     lines += ["", "Per task (accuracy):", "", "| stage | " + " | ".join(t[5:] for t in tasks) + " |",
               "|---|" + "---|" * len(tasks)]
     for c in checkpoints:
-      lines.append(f"| {c['stage']} | " + " | ".join(f"{c.get(t, float('nan')):.2f}" for t in tasks) + " |")
+      lines.append(f"| {_name(c)} | " + " | ".join(f"{c.get(t, float('nan')):.2f}" for t in tasks) + " |")
   lines += ["", "![AI-45° trajectory](ai45.png)", "", "![Reward components](rewards.png)", ""]
   (workdir / "report.md").write_text("\n".join(lines))
   return workdir / "report.json"
