@@ -35,3 +35,35 @@ def test_cli_prints_the_greedy_completion(chat_checkpoint, tmp_path):
   settings = SamplingSettings(max_new_tokens=6, temperature=0.0, eos_ids=(2,), pad_id=0)
   output = Sampler(model).generate(params, processor([text], images=[image]), jax.random.key(0), settings)
   assert result.stdout == (decode_rows(processor.tokenizer, output.tokens, output.lengths)[0] + "\n").encode()
+
+
+def _sample(checkpoint, *flags, stdin=None):
+  return subprocess.run([sys.executable, "-m", "safework.sample", f"--checkpoint={checkpoint}", "--prompt=a cat",
+                         "--dtype=float32", *flags], input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_searches_with_a_judge_then_resumes_after_an_edit(chat_checkpoint):
+  """--intervene prints each chosen step with its score (the checkpoint judging itself with the paper's safety
+  prompt); --edit_step then rewrites step 0 and generation resumes from the person's text."""
+  result = _sample(chat_checkpoint, "--intervene=rerank", f"--judge=safety:{chat_checkpoint}", "--candidates=3",
+                   "--step_tokens=2", "--max_new_tokens=6", "--edit_step=0", "--replace=a mat")
+  assert result.returncode == 0, result.stderr[-2000:]
+  steps = [line for line in result.stderr.splitlines() if line.startswith("step ")]
+  assert len(steps) == 3 and all("(best of 3)" in line for line in steps), result.stderr[-2000:]
+  assert "tokens sampled for a response of 6" in result.stderr and "before the edit: " in result.stderr
+  assert result.stdout.startswith("a mat")
+
+
+def test_cli_interactive_review_keeps_or_rewrites_each_step(chat_checkpoint, tiny_tokenizer):
+  """Scripted input: keep step 0, rewrite step 1, then end of input (the rest kept). Steps are 2 tokens, greedy."""
+  result = _sample(chat_checkpoint, "--interactive", "--step_tokens=2", "--max_new_tokens=6", "--temperature=0",
+                   stdin="\na mat\n")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stderr.count("[enter] keep, or type the replacement") >= 3
+  model, params = from_pretrained(chat_checkpoint)
+  processor = Processor.from_pretrained(chat_checkpoint)
+  text = processor.render([{"role": "user", "content": [{"type": "text", "text": "a cat"}]}])
+  settings = SamplingSettings(max_new_tokens=2, temperature=0.0, eos_ids=(2,), pad_id=0)
+  first = Sampler(model).generate(params, processor([text]), jax.random.key(0), settings)
+  kept = decode_rows(processor.tokenizer, first.tokens, first.lengths)[0]
+  assert result.stdout.startswith(kept + "a mat") and "(edited)" in result.stderr

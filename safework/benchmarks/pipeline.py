@@ -10,18 +10,46 @@ from absl import logging
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Generation and judging settings (--config.KEY=VALUE)."""
+  """Generation and judging settings (--config.KEY=VALUE); `intervention` holds the step search's settings (see
+  `safework.intervention.settings.SearchSettings`; candidates and threshold default to the mode's)."""
+  from ml_collections import config_dict
+  from safework.experiment import section
+  from safework.intervention.settings import SearchSettings
+  intervention = section(SearchSettings)
+  intervention.candidates, intervention.threshold = config_dict.placeholder(int), config_dict.placeholder(float)
+  del intervention.recipes   # every benchmark prompt is judged by every --intervention_judge
   return ml_collections.ConfigDict(dict(
       max_new_tokens=2048, batch_size=32, max_prompt_length=4096, bucket_images=4, dtype="bfloat16",
-      mesh=dict(data=1, fsdp=-1, tensor=1), judge_batch_size=16, judge_max_length=8192))
+      mesh=dict(data=1, fsdp=-1, tensor=1), judge_batch_size=16, judge_max_length=8192, intervention=intervention))
 
 
-def run(names, data, checkpoint, completions, workdir: Path, judge_text: str, max_examples, config) -> None:
+def search_settings(mode: str | None, guides: dict[str, str], config):
+  """The step search `--intervention MODE` asks for, guided by every `--intervention_judge` with equal weight."""
+  from safework.intervention.settings import SearchSettings
+  if mode is None:
+    if guides:
+      raise ValueError("--intervention_judge guides a step search: add --intervention rerank|mask|rerank+mask")
+    return None
+  if not guides:
+    raise ValueError(f"--intervention {mode} needs a verifier to guide it: --intervention_judge KIND:CHECKPOINT")
+  fields = config.intervention.to_dict()
+  recipes = (("*", tuple((kind, 1.0) for kind in guides)),)
+  return SearchSettings.for_mode(mode, recipes=recipes, **{k: tuple(v) if isinstance(v, list) else v
+                                                          for k, v in fields.items()})
+
+
+def run(names, data, checkpoint, completions, workdir: Path, judge_text: str, max_examples, config,
+        intervention: str | None = None, intervention_judges=()) -> None:
   from safework.benchmarks import get_benchmark
   from safework.benchmarks.judging import JudgeChoice
   from safework.benchmarks import run as runs
+  from safework.intervention.judges import parse_guides
   benchmarks = [get_benchmark(name) for name in names]
   judge = JudgeChoice.parse(judge_text)
+  guides = parse_guides(intervention_judges)
+  search = search_settings(intervention, guides, config)
+  if search is not None and completions:
+    raise ValueError("--intervention changes how responses are generated: it cannot apply to --completions")
   for benchmark in benchmarks:
     judge.check(benchmark)
   sources = completions or data
@@ -39,7 +67,7 @@ def run(names, data, checkpoint, completions, workdir: Path, judge_text: str, ma
   for name, (texts, _) in given.items():
     if len(texts) != len(items[name]):
       raise ValueError(f"{name}: {len(texts)} completions for {len(items[name])} items")
-  generate = None if completions else _generator(checkpoint, config)
+  generate = None if completions else _generator(checkpoint, config, search, guides)
   model_judge = None if judge.kind == "rules" else _model_judge(judge.checkpoint, config)
   all_results = []
   for benchmark in benchmarks:
@@ -51,6 +79,8 @@ def run(names, data, checkpoint, completions, workdir: Path, judge_text: str, ma
     else:
       generation = {k: config[k] for k in ("max_new_tokens", "max_prompt_length", "bucket_images", "dtype",
                                            "batch_size")}   # judging settings may change between runs
+      if search is not None:
+        generation["intervention"] = {"mode": search.mode, "settings": repr(search), "judges": guides}
       identity = {"checkpoint": str(Path(checkpoint).resolve()), "data": str(Path(data[names.index(
           benchmark.name)]).resolve()), "max_examples": max_examples, **generation}
       with _progress(len(items[benchmark.name]), benchmark.name) as bar:
@@ -92,21 +122,29 @@ def _load(path: str, config, mesh):
   return model, params, processor
 
 
-def _generator(checkpoint: str, config):
-  """Greedy responses of the policy, batch by batch."""
-  from safework.evaluation import EvalSettings, generate_greedy
+def _generator(checkpoint: str, config, search_settings=None, guides=None):
+  """Greedy responses of the policy (or the step search's), batch by batch."""
+  import jax.numpy as jnp
+  from safework.evaluation import EvalSettings, eval_sampling, generate
+  from safework.intervention.judges import load_guides
+  from safework.intervention.search import StepSearch
+  from safework.sampling import Sampler
   mesh = _mesh(config)
   model, params, processor = _load(checkpoint, config, mesh)
   settings = EvalSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                           max_prompt_length=config.max_prompt_length, bucket_images=config.bucket_images)
+  search = None
+  if search_settings is not None:
+    verifiers = load_guides(guides, mesh, jnp.dtype(config.dtype), config.judge_batch_size)
+    search = StepSearch(Sampler(model, mesh=mesh), processor.tokenizer, verifiers, search_settings,
+                        eval_sampling(model, processor.tokenizer, config.max_new_tokens))
 
-  def generate(items):
+  def generate_batch(items):
     import jax
     with jax.set_mesh(mesh):
-      texts, _ = generate_greedy(model, params, processor, [item.example() for item in items], settings, mesh,
-                                 progress=False)
-    return texts
-  return generate
+      return generate(model, params, processor, [item.example() for item in items], settings, mesh, search,
+                      progress=False).responses
+  return generate_batch
 
 
 def _model_judge(checkpoint: str, config):
