@@ -7,9 +7,10 @@ r"""Evaluates a checkpoint on safety benchmarks, offline: generate, judge, score
 Responses are generated greedily with the sharded on-device sampler (the checkpoint's chat template, the
 benchmark's images), in batches appended to OUT/NAME/generations.jsonl, so a re-run resumes where it stopped.
 With --intervention MODE --intervention_judge KIND:CKPT, responses come from the verifier-guided step search
-(`safework.intervention`; its settings under --config.intervention.*). With --completions, the responses of someone else's model are judged instead (the benchmark's prompt column plus
-`completion`; XSTest's `final_label` adds the judge's agreement with the human labels). Every benchmark file is
-read and checked, and the judge checked against each benchmark, before any model is loaded.
+(`safework.intervention`; its settings under --config.intervention.*). With --completions, the responses of
+someone else's model are judged instead (the benchmark's prompt column plus `completion`; XSTest's `final_label`
+adds the judge's agreement with the human labels). Every benchmark file is read and checked, and the judge checked
+against each benchmark, before any model is loaded.
 Writes OUT/NAME/{results.json, responses.jsonl, report.md} and OUT/report.md (one row per benchmark).
 """
 

@@ -2,8 +2,8 @@
 
 A stage writes `stages/<name>/policy` (a Hugging Face checkpoint: the next stage's start and its KL reference)
 and `stages/<name>/eval.json` (and, for the stages in `intervention_stages`, `eval_<mode>.json`: the same
-evaluation with the verifier-guided step search); a stage whose outputs exist is not run again, and a stage interrupted mid-way
-resumes from its own checkpoints, so re-running the command continues the ladder. Every stage section is parsed
+evaluation with the verifier-guided step search); a stage whose outputs exist is not run again, and a stage
+interrupted mid-way resumes from its own checkpoints, so re-running the command continues the ladder. Every stage section is parsed
 before anything is built or trained; each stage is built by `safework.stages`, like a single-stage experiment.
 """
 

@@ -23,15 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from safework.models import from_pretrained
-from safework.models.checkpoint import load_config
-from safework.processing import Processor, Video
-from safework.processing.image import load_image, to_rgb
 from safework.data.example import Example
 from safework.intervention.edits import edited_prefix, resume_after_edit
 from safework.intervention.judges import load_guides, parse_guides
 from safework.intervention.search import StepSearch
 from safework.intervention.settings import MODES, SearchSettings
+from safework.models import from_pretrained
+from safework.models.checkpoint import load_config
+from safework.processing import Processor, Video
+from safework.processing.image import load_image, to_rgb
 from safework.sampling import Sampler, SamplingSettings, bucket_length
 from safework.sampling.masks import BannedSequences
 from safework.sampling.text import decode_rows, stop_sequences

@@ -118,7 +118,8 @@ def test_one_greedy_candidate_per_fixed_size_step_is_plain_greedy_decoding(polic
 def _teacher_forced_logprobs(model, params, batch, row, tokens):
   ids = np.asarray(batch["input_ids"])[row:row + 1]
   mask = np.asarray(batch["attention_mask"])[row:row + 1]
-  full = dict(input_ids=np.concatenate([ids, [tokens]], 1), attention_mask=np.concatenate([mask, [[1] * len(tokens)]], 1))
+  full = dict(input_ids=np.concatenate([ids, [tokens]], 1),
+              attention_mask=np.concatenate([mask, [[1] * len(tokens)]], 1))
   logits = np.asarray(forward(model, params, **full), np.float64)[0, ids.shape[1] - 1:-1]
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -176,7 +177,8 @@ def test_a_reviewed_step_resumes_from_the_persons_text(policy):
   after = 9 - len(person)   # tokens row 1 generates after the edit, in steps of 3
   assert sorted(seen) == [(0, s) for s in range(3)] + [(1, s) for s in range(1 + -(-after // 3))]
   edited = results[1]
-  assert edited.steps[0].edited and edited.steps[0].text == "a cat sits" and edited.tokens[:len(person)] == tuple(person)
+  assert edited.steps[0].edited and edited.steps[0].text == "a cat sits"
+  assert edited.tokens[:len(person)] == tuple(person)
   prompt = sampler.prefill(params, batch, 9, extra_slots=16)
   resumed = resume_after_edit(sampler, params, prompt, processor.tokenizer, ["", "a cat sits"],
                               SamplingSettings(max_new_tokens=after, temperature=0.0), jax.random.key(0))
