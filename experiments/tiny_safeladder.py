@@ -27,11 +27,11 @@ def get_config(arg=None):
       value=dict(judge, judge="value", instruction="Question: {question}\nResponse: {answer}\nValue verdict:"))
   config.eval = section(EvalSettings, max_new_tokens=48, batch_size=40 if arg.runlocal else 50, max_prompt_length=80)
   config.stage_order = ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"]
-  # The first and the last checkpoint are evaluated a second time with the verifier-guided step search: a step is
+  # The first and the last checkpoint (runlocal: the first) are evaluated a second time with the verifier-guided step search: a step is
   # the reasoning (up to </think>) or the answer, 4 candidates each (the first greedy), each valued by the tiny
   # judges on its greedy completion (they read final answers); capability rows are not judged (no gold answers at
   # inference time), so they keep the greedy answer.
-  config.intervention_stages = ["sft", "efficient_rl"]
+  config.intervention_stages = ["sft"] if arg.runlocal else ["sft", "efficient_rl"]
   judged = {"safety": [["safety", 1.0]], "safety_rule": [["safety", 1.0]], "value": [["value", 1.0]]}
   config.intervention = section(SearchSettings, candidates=4, delimiters=("</think>",), step_tokens=32,
                                 lookahead=True, recipes=tuple((label, recipe) for label, recipe in judged.items()))

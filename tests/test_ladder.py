@@ -23,9 +23,8 @@ def test_runlocal_ladder_improves_safety_and_capability_over_sft(tmp_path, monke
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
   rows = [(c["stage"], c.get("intervention")) for c in report["checkpoints"]]
-  assert rows == [("sft", None), ("sft", "rerank"), ("m3rl_kg", None), ("m3rl_svkg", None), ("efficient_rl", None),
-                  ("efficient_rl", "rerank")]
-  sft, sft_rerank, final = report["checkpoints"][0], report["checkpoints"][1], report["checkpoints"][-2]
+  assert rows == [("sft", None), ("sft", "rerank"), ("m3rl_kg", None), ("m3rl_svkg", None), ("efficient_rl", None)]
+  sft, sft_rerank, final = report["checkpoints"][0], report["checkpoints"][1], report["checkpoints"][-1]
   assert final["capability"] > sft["capability"] + 0.1, report
   assert final["safety"] > sft["safety"] + 0.03, report
   # The step search guided by the ladder's own safety judge: safer than greedy decoding, as capable, at a cost.
