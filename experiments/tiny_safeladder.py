@@ -31,7 +31,7 @@ def get_config(arg=None):
   # the reasoning (up to </think>) or the answer, 4 candidates each (the first greedy), each valued by the tiny
   # judges on its greedy completion (they read final answers); capability rows are not judged (no gold answers at
   # inference time), so they keep the greedy answer.
-  config.intervention_stages = ["sft"] if arg.runlocal else ["sft", "efficient_rl"]
+  config.intervention_stages = ("sft",) if arg.runlocal else ("sft", "efficient_rl")
   judged = {"safety": [["safety", 1.0]], "safety_rule": [["safety", 1.0]], "value": [["value", 1.0]]}
   config.intervention = section(SearchSettings, candidates=4, delimiters=("</think>",), step_tokens=32,
                                 lookahead=True, recipes=tuple((label, recipe) for label, recipe in judged.items()))

@@ -36,7 +36,8 @@ def run_notebook(name: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name not in LADDER_NOTEBOOKS], ids=lambda p: p.name)
-def test_notebook_runs_top_to_bottom(path):
+def test_notebook_runs_top_to_bottom(path, monkeypatch):
+  monkeypatch.setenv("SAFEWORK_NOTEBOOK_ROLLOUTS", "2")   # the ablation's runs, short: they run, the toy test learns
   notebook = _execute(nbformat.read(path, as_version=4), cwd=path.parent)
   if path.name == "ablate_losses.ipynb":
     assert all(f"{loss}: mean reward" in _printed(notebook) for loss in ("cpgd", "ppo", "gspo"))

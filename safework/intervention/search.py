@@ -162,10 +162,12 @@ class StepSearch:
     return out.prefix, [t[:n].tolist() for t, n in zip(tokens, lengths)], [lp[:n].tolist()
                                                                            for lp, n in zip(logprobs, lengths)]
 
-  def _complete(self, params, prefix: Prefix, rows: list[int], drawn: list[tuple[int, ...]]) -> list[list[int]]:
-    """Greedy completions of `prefix`'s `rows` (whose responses so far are `drawn`) to the end of the answer, in one
-    compacting decode call; a row whose answer has ended, or that is at max_new_tokens, gets none."""
-    rooms = [0 if self._ends_answer(d) else self.max_new_tokens - len(d) for d in drawn]
+  def _complete(self, params, prefix: Prefix, rows: list[int], drawn: list[tuple[int, ...]],
+                wanted: list[bool]) -> list[list[int]]:
+    """Greedy completions of the `wanted` ones of `prefix`'s `rows` (whose responses so far are `drawn`) to the end
+    of the answer, in one compacting decode call; a row whose answer has ended, or that is at max_new_tokens, gets
+    none."""
+    rooms = [0 if not want or self._ends_answer(d) else self.max_new_tokens - len(d) for d, want in zip(drawn, wanted)]
     budget = min(self.max_new_tokens, prefix.capacity - int(prefix.write_index))   # one program for every step
     if budget < 1 or max(rooms) < 1:
       return [[] for _ in rows]
@@ -204,8 +206,9 @@ class StepSearch:
       same = [first_of.setdefault((c // samples, tuple(tokens[c])), c) for c in cands]
       distinct = sorted(set(same))
       drawn = [flat[c // samples].tokens + tuple(tokens[c]) for c in distinct]
-      if settings.lookahead:
-        completions = self._complete(params, pool_prefix, distinct, drawn)
+      if settings.lookahead:   # rows no verifier judges keep their greedy candidate: nothing to look ahead for
+        judged = [bool(settings.recipe(examples[owner[c // samples]].label)) for c in distinct]
+        completions = self._complete(params, pool_prefix, distinct, drawn, judged)
         for c, completion in zip(distinct, completions):
           generated[owner[c // samples]] += len(completion)
         drawn = [d + tuple(completion) for d, completion in zip(drawn, completions)]
