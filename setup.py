@@ -21,6 +21,7 @@ RUNTIME = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",   # TensorBoard event files without TensorFlow
     "matplotlib>=3.9",     # the human report's plots
+    "bm25s>=0.3",          # the search tool's index (deliberative-search RL)
 ]
 
 setup(

@@ -29,7 +29,11 @@ from safework.processing import Processor
 from safework.rewards.base import RewardFunction
 from safework.rl.losses import LossSettings
 from safework.rl.optim import OptimSettings, check_prefixes
-from safework.rl.rollout import RolloutSettings
+from safework.rewards.constraint import ConstraintSettings
+from safework.rl.rollout import RolloutSettings, ToolUse
+from safework.tools.calls import ToolSettings
+from safework.tools.corpus import SearchIndex
+from safework.tools.generate import response_width
 from safework.rl.trainer import RLTrainer
 from safework.sft import SFTSettings, SFTTrainer, Trace
 from safework.training import TrainSettings
@@ -37,7 +41,8 @@ from safework.verifiers.build import RewardSpec, build_reward, reward_spec
 from safework.verifiers.recipes import PAPER_RECIPES, Scorer
 
 log = logging.getLogger(__name__)
-SECTIONS = {"rl": ("rollout", "loss", "optim", "train", "reward"), "sft": ("sft", "optim", "train")}
+SECTIONS = {"rl": ("rollout", "loss", "optim", "train", "reward", "tools", "constraint"),
+            "sft": ("sft", "optim", "train")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +52,18 @@ class RLStage:
   optim: OptimSettings
   train: TrainSettings
   reward: RewardSpec | None   # None: the task brings its own reward
+  tools: ToolSettings | None = None              # deliberative search: the search tool inside the rollouts
+  constraint: ConstraintSettings | None = None   # and the false-certain constraint on the reward
 
   @property
   def total_steps(self) -> int:
     return self.rollout.num_rollouts * self.rollout.steps
+
+  @property
+  def response_length(self) -> int:
+    """Columns of a response: the policy's tokens, and with tools the results it may read."""
+    r = self.rollout
+    return response_width(r.max_new_tokens, self.tools) if self.tools else r.max_new_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +112,16 @@ def parse_stage(section: Mapping[str, Any], extra_scorers: Sequence[str] = (), t
     return SFTStage(sft=settings(SFTSettings, get("sft")), optim=settings(OptimSettings, get("optim")),
                     train=settings(TrainSettings, get("train")))
   reward = reward_spec(section["reward"], tuple(extra_scorers)) if "reward" in section else None
+  tools = settings(ToolSettings, section["tools"]) if "tools" in section else None
+  if tools is not None and not tools.corpus:
+    raise ValueError("the tools section needs tools.corpus: a JSONL of {\"id\", \"title\", \"text\"} documents")
+  constraint = settings(ConstraintSettings, section["constraint"]) if "constraint" in section else None
+  if constraint is not None and reward is not None and constraint.correctness not in reward.components:
+    raise ValueError(f"the constraint reads correctness from reward component {constraint.correctness!r}, which "
+                     f"the reward's recipes do not compute ({sorted(reward.components)})")
   return RLStage(rollout=settings(RolloutSettings, get("rollout")), loss=settings(LossSettings, get("loss")),
                  optim=settings(OptimSettings, get("optim")), train=settings(TrainSettings, get("train")),
-                 reward=reward)
+                 reward=reward, tools=tools, constraint=constraint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +149,14 @@ def run_stage(stage: Stage, *, policy: PolicySettings, data: StageData, seed: in
       if stage.reward is None and data.reward is None:
         raise ValueError("this RL stage has no reward section and its data brings no reward of its own")
       prompts = data.prompts(stage.reward.labels if stage.reward else (), processor, stage.rollout.max_prompt_length)
+      tools = None if stage.tools is None else ToolUse(stage.tools, SearchIndex.build(stage.tools.corpus,
+                                                                                      workdir / "search_index"))
       reward = build_reward(stage.reward, mesh, rules, extra_scorers) if stage.reward else data.reward
       params = policy_params(policy, model, mesh, rules, seed)
       params = RLTrainer(model=model, params=params, processor=processor, prompts=prompts, reward_fn=reward,
                          rollout=stage.rollout, loss=stage.loss, optim=stage.optim, train=stage.train, seed=seed,
-                         workdir=workdir, mesh=mesh, rules=rules).run().params
+                         workdir=workdir, mesh=mesh, rules=rules, tools=tools,
+                         constraint=stage.constraint).run().params
     else:
       traces = data.traces(processor, stage.sft.prompt_length)
       params = policy_params(policy, model, mesh, rules, seed)

@@ -4,6 +4,7 @@ A SIGTERM from outside, through `python -m safework.main`, is tested with two ho
 """
 
 import dataclasses
+import json
 import os
 import signal
 
@@ -13,9 +14,12 @@ import pytest
 
 from experiments import toy_rl
 from safework.data import toy_digits
+from safework.experiment import section
+from safework.rewards.constraint import ConstraintSettings
 from safework.rewards.base import Rewards
 from safework.stages import from_config
 from safework.tasks import get_task
+from safework.tools.calls import ToolSettings
 from safework.training import Checkpointer, Preempted, TrainingDiverged, read_metrics
 
 
@@ -114,3 +118,25 @@ def test_recomputed_old_logprobs_match_the_sampler_and_kl_can_go_in_the_reward(t
   # Before any update the trainer's recomputed log-probs are the sampler's own (fp32): mismatch ~ 0.
   assert first["sampler_mismatch_abs"] < 1e-4
   assert first["reward/with_kl_penalty"] == pytest.approx(first["reward/total"], abs=1e-4)   # ref == policy at start
+
+
+def test_deliberative_rl_with_the_tool_and_the_constraint_resumes_with_its_multiplier(tmp_path):
+  """Rollouts generated in chunks with the search tool at hand, the false-certain constraint on the reward (the
+  toy's `requested` share is the correctness; no answer states a confidence, so a wrong one is false-certain). The
+  run is stopped while scoring rollout 0; resumed, rollout 1 is penalised with the multiplier of one dual-ascent
+  step on rollout 0's false-certain rate (a resume that lost it would start again from 0)."""
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text(json.dumps({"id": "d", "title": "Digits", "text": "seven is written 7"}) + "\n")
+  config = _config(rollout__num_rollouts=2, rollout__prompts_per_rollout=8, rollout__samples_per_prompt=4,
+                   rollout__minibatch_size=16, rollout__max_new_tokens=8, train__checkpoint_every=1)
+  config.tools = section(ToolSettings, corpus=str(corpus), max_calls=1, result_tokens=40, chunk_tokens=4)
+  config.constraint = section(ConstraintSettings, labels=("toy_digits",), correctness="requested", target=0.2,
+                              threshold=0.5, step_size=1.5)
+  with pytest.raises(Preempted):
+    _train(config, tmp_path, reward_fn=_Interrupt(at_call=1))
+  _train(config, tmp_path)
+  rollouts = [r for r in read_metrics(tmp_path) if "constraint/multiplier" in r]
+  assert len(rollouts) == 2 and rollouts[0]["constraint/multiplier"] == 0.0
+  rate = rollouts[0]["constraint/false_certain_rate"]
+  assert rate > 0.2 and rollouts[1]["constraint/multiplier"] == pytest.approx(1.5 * (rate - 0.2))
+  assert rollouts[0]["tools/calls_per_answer"] == 0.0 and 0 <= rollouts[0]["calibration/ece"] <= 1

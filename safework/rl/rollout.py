@@ -28,6 +28,7 @@ from safework.models.checkpoint import abstract_params
 from safework.models.vision_shards import ShardAxes
 from safework.processing import Processor
 from safework.rewards.base import RewardFunction, Rewards
+from safework.rewards.constraint import ConstraintSettings, with_false_certain
 from safework.rl import advantages as adv
 from safework.rl import losses
 from safework.rl.batch import SequenceBatch, VisionInputs, prompt_sequences
@@ -35,6 +36,9 @@ from safework.rl.logprobs import bucketed_widths
 from safework.sampling import Sampler, SamplingSettings
 from safework.sampling.prompts import PromptBatch
 from safework.sampling.text import decode_rows, stop_sequences
+from safework.tools.calls import ToolSettings
+from safework.tools.corpus import SearchIndex
+from safework.tools.generate import generate_with_tools, response_width
 
 OVERLONG = ("none", "mask", "soft")
 
@@ -89,7 +93,12 @@ class RolloutSettings:
   @property
   def response_widths(self) -> tuple[int, ...]:
     """The response widths training micro-batches compute over (see `bucketed_widths`)."""
-    return bucketed_widths(self.response_bucket, self.max_new_tokens)
+    return self.widths(self.max_new_tokens)
+
+  def widths(self, response_length: int) -> tuple[int, ...]:
+    """The narrower widths of responses of `response_length` columns (with tools: the policy's tokens and the
+    results it reads)."""
+    return bucketed_widths(self.response_bucket, response_length)
 
   def validate(self) -> "RolloutSettings":
     if self.num_rollouts < 1:
@@ -164,6 +173,9 @@ class Rollout:
   advantages: np.ndarray | None = None  # [B]
   old_logp: np.ndarray | None = None   # [B, N] recomputed before the update (old_logprobs='recompute')
   ref_logp: np.ndarray | None = None   # [B, N] under the reference policy (KL)
+  tool_mask: np.ndarray | None = None  # [B, N] bool: tokens a tool wrote (context: no loss, KL or entropy)
+  tool_calls: np.ndarray | None = None   # [B] tool calls answered
+  constrained: np.ndarray | None = None  # [B] bool: rows the false-certain constraint applies to
 
   def to_buffer(self) -> dict[str, np.ndarray]:
     """Flat host arrays for a checkpoint."""
@@ -221,9 +233,37 @@ def overlong_shaping(lengths: np.ndarray, done: np.ndarray, settings: RolloutSet
   return change, trained
 
 
+@dataclasses.dataclass(frozen=True)
+class ToolUse:
+  """The search tool of a deliberative-search stage: how calls are answered, and the local index they read."""
+  settings: ToolSettings
+  index: SearchIndex
+
+  def response_length(self, max_new_tokens: int) -> int:
+    return response_width(max_new_tokens, self.settings)
+
+
+def _generate(sampler: Sampler, params, part: PromptBatch, rng, sampling: SamplingSettings, tokenizer,
+              settings: RolloutSettings, tools: ToolUse | None, first_row: int) -> dict[str, np.ndarray]:
+  """One chunk of prompts' G samples each, as host arrays (with tools: their results interleaved)."""
+  g = settings.samples_per_prompt
+  if tools is not None:
+    out = generate_with_tools(sampler, params, part.arrays(), rng, sampling, tools.index, tokenizer, tools.settings,
+                              num_samples=g, first_row=first_row)
+    return {"responses": out.tokens, "lengths": out.lengths, "done": out.done, "policy_logp": out.logprobs,
+            "behaviour_logp": out.behaviour_logprobs, "tool_mask": out.tool_mask, "tool_calls": out.calls}
+  out = sampler.generate(params, part.arrays(), rng, sampling, num_samples=g, first_row=first_row,
+                         compact=settings.compaction_levels > 0)
+  return {name: distributed.host_array(value) for name, value in (
+      ("responses", out.tokens), ("lengths", out.lengths), ("done", out.done), ("policy_logp", out.logprobs),
+      ("behaviour_logp", out.behaviour_logprobs))}
+
+
 def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler: Sampler, processor: Processor,
-                 reward_fn: RewardFunction, settings: RolloutSettings, sampling: SamplingSettings) -> _Round:
-  """Samples G responses per prompt and scores them.
+                 reward_fn: RewardFunction, settings: RolloutSettings, sampling: SamplingSettings,
+                 tools: ToolUse | None = None, constraint: ConstraintSettings | None = None) -> _Round:
+  """Samples G responses per prompt (pausing for `tools` when given) and scores them (with the `constraint`'s
+  confidence and false-certain components when given).
 
   Prompts are generated `generation_prompts` at a time (the last chunk padded with repeats, one compiled shape);
   every prompt samples with its own key, so the chunking does not change the samples. With `compaction_levels`,
@@ -237,16 +277,15 @@ def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler
     part = prompts if chunk == len(examples) else PromptBatch.of(
         [examples[i] for i in rows + rows[:1] * (chunk - len(rows))], processor, settings.max_prompt_length,
         settings.bucket_images, width=prompts.input_ids.shape[1])
-    out = sampler.generate(params, part.arrays(), rng, sampling, num_samples=settings.samples_per_prompt,
-                           first_row=start, compact=settings.compaction_levels > 0)
+    out = _generate(sampler, params, part, rng, sampling, processor.tokenizer, settings, tools, start)
     kept = len(rows) * settings.samples_per_prompt
-    parts.append({name: distributed.host_array(value)[:kept] for name, value in (
-        ("responses", out.tokens), ("lengths", out.lengths), ("done", out.done), ("policy_logp", out.logprobs),
-        ("behaviour_logp", out.behaviour_logprobs))})
+    parts.append({name: value[:kept] for name, value in out.items()})
   outputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
   texts = decode_rows(processor.tokenizer, outputs["responses"], outputs["lengths"], settings.stop_strings)
   rows = [e for e in examples for _ in range(settings.samples_per_prompt)]
   scored = reward_fn(rows, texts, outputs["lengths"]).check(len(texts))
+  if constraint is not None:
+    scored, outputs["constrained"] = with_false_certain(rows, texts, scored, constraint)
   change, trained = overlong_shaping(outputs["lengths"], outputs["done"], settings)
   return _Round(list(examples), prompts, outputs, scored, np.asarray(scored.total, np.float32) + change, trained)
 
@@ -288,6 +327,9 @@ def assemble(rounds: Sequence[_Round], settings: RolloutSettings, processor: Pro
              "stopped_fraction": float(rollout.done.mean())}
   if settings.overlong == "soft":
     metrics["reward/overlong_penalty"] = float(np.mean(rollout.rewards - scored.total))
+  if rollout.tool_calls is not None:
+    metrics["tools/calls_per_answer"] = float(rollout.tool_calls.mean())
+    metrics["tools/read_tokens_per_answer"] = float(rollout.tool_mask.sum(axis=1).mean())
   return rollout, metrics
 
 
@@ -296,9 +338,11 @@ def training_rows(rollout: Rollout, model_config, loss: losses.LossSettings, vis
   """Host-side training rows and vision inputs of a rollout (its advantages must be set); the images are dealt to
   `vision_shards`."""
   advantages = rollout.advantages if rollout.advantages is not None else np.zeros(len(rollout.lengths), np.float32)
+  trained = np.broadcast_to(rollout.trained[:, None], rollout.responses.shape)
+  if rollout.tool_mask is not None:   # what the tools wrote is context, not the policy's actions
+    trained = trained & ~rollout.tool_mask
   batch, vision = prompt_sequences(rollout.prompts, model_config, rollout.responses, rollout.lengths,
-                                   rollout.policy_logp, advantages,
-                                   np.broadcast_to(rollout.trained[:, None], rollout.responses.shape), vision_shards)
+                                   rollout.policy_logp, advantages, trained, vision_shards)
   old = rollout.old_logp if rollout.old_logp is not None else batch.old_logp
   weight = np.asarray(losses.behaviour_weights(old, rollout.behaviour_logp, loss), np.float32)
   batch = batch.replace(old_logp=old, behaviour_weight=weight,
@@ -310,6 +354,8 @@ def behaviour_ratio_stats(rollout: Rollout) -> dict[str, float]:
   """The raw importance ratio pi_old / mu over the response tokens, before truncation."""
   old = rollout.old_logp if rollout.old_logp is not None else rollout.policy_logp
   valid = np.arange(rollout.responses.shape[1])[None] < rollout.lengths[:, None]
+  if rollout.tool_mask is not None:   # the policy's tokens only
+    valid &= ~rollout.tool_mask
   ratio = np.exp((old - rollout.behaviour_logp)[valid].astype(np.float64))
   if not ratio.size:
     return {}

@@ -21,20 +21,25 @@ from safework.models.qwen2_5_vl import Qwen25VL
 from safework.models.vision_shards import shard_axes
 from safework.processing import Processor
 from safework.rewards.base import RewardFunction
+from safework.rewards.constraint import FALSE_CERTAIN, ConstraintSettings, dual_ascent, lagrangian
 from safework.rl import losses, rollout as rollouts
 from safework.rl.batch import SequenceBatch, VisionContext, micro_batch_layout, vision_features
 from safework.rl.objectives import make_logprob_fn
 from safework.rl.rollout import Rollout, RolloutSettings
 from safework.sampling import Sampler, SamplingSettings
 from safework.training.loop import StepBatch
+from safework.verifiers.calibration import calibration_metrics
 
 
 class RolloutSource:
   def __init__(self, *, model: Qwen25VL, processor: Processor, prompts: PromptSource, reward_fn: RewardFunction,
                settings: RolloutSettings, loss: losses.LossSettings, sampling: SamplingSettings, seed: int,
                mesh: jax.sharding.Mesh, rules: sharding.Rules, micro_batch_size: int, logprob_chunk: int,
-               vision_trainable: bool, ref_params=None):
+               vision_trainable: bool, ref_params=None, tools: rollouts.ToolUse | None = None,
+               constraint: ConstraintSettings | None = None):
     self.model, self.processor, self.reward_fn = model, processor, reward_fn
+    self.tools, self.constraint = tools, constraint
+    self.multiplier = constraint.initial if constraint is not None else 0.0   # the constraint's, by dual ascent
     self.settings, self.loss, self.sampling, self.seed = settings, loss, sampling, seed
     self.mesh, self.rules, self.vision_trainable, self.ref_params = mesh, rules, vision_trainable, ref_params
     self._vision_shards = shard_axes(mesh, rules)   # the tower encodes the rollout's images data-parallel
@@ -43,8 +48,9 @@ class RolloutSource:
     self._sampling_copy = settings.sampling_copy(model, mesh, rules)
     self.total_steps, self.batch_size = settings.num_rollouts * settings.steps, settings.minibatch_size
     self._micro_batches = (settings.minibatch_size // micro_batch_size, settings.rows // micro_batch_size)
+    self.response_length = tools.response_length(settings.max_new_tokens) if tools else settings.max_new_tokens
     self._logprobs = jax.jit(make_logprob_fn(model, self._micro_batches[1], logprob_chunk, sampling.vocab_limit,
-                                             settings.response_widths))
+                                             settings.widths(self.response_length)))
     self._features = jax.jit(lambda params, vision: vision_features(model, params, vision))
     self._index: int | None = None       # the rollout held
     self._rollout: Rollout | None = None
@@ -74,12 +80,14 @@ class RolloutSource:
 
   def position(self) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     index, minibatch = self._served
+    position = {"data_position": self._data_position, "multiplier": self.multiplier}
     if minibatch + 1 == self.settings.steps:
-      return {"rollout": index + 1, "data_position": self._data_position}, None
-    return {"rollout": index, "data_position": self._data_position}, self._rollout.to_buffer()
+      return {"rollout": index + 1, **position}, None
+    return {"rollout": index, **position}, self._rollout.to_buffer()
 
   def restore(self, position: dict[str, Any], buffer: dict[str, np.ndarray] | None) -> None:
     self._data_position = int(position["data_position"])
+    self.multiplier = float(position.get("multiplier", self.multiplier))
     if buffer is not None:
       self._index, self._rollout, self._rows = int(position["rollout"]), Rollout.from_buffer(buffer), None
 
@@ -95,7 +103,7 @@ class RolloutSource:
       self._data_position += settings.prompts_per_rollout
       rounds.append(rollouts.sample_round(examples, sampled, jax.random.fold_in(base, k), sampler=self.sampler,
                                           processor=self.processor, reward_fn=self.reward_fn, settings=settings,
-                                          sampling=self.sampling))
+                                          sampling=self.sampling, tools=self.tools, constraint=self.constraint))
       informative = sum(int((~rollouts.equal_groups(r.shaped, settings.samples_per_prompt)).sum()) for r in rounds)
       if informative >= settings.prompts_per_rollout:
         break
@@ -105,6 +113,8 @@ class RolloutSource:
     metrics["generated_tokens_per_s"] = generated / max(metrics["generation_s"], 1e-9)
     rollout, assembled = rollouts.assemble(rounds, settings, self.processor)
     metrics.update(assembled)
+    if self.constraint is not None:
+      metrics.update(self._constrain(rollout))
     start = time.perf_counter()
     if self.ref_params is not None or settings.old_logprobs == "recompute":
       rows, vision = rollouts.training_rows(rollout, self.model.config, self.loss, self._vision_shards)
@@ -128,6 +138,22 @@ class RolloutSource:
     metrics.update(rollouts.summarize_advantages(rollout.advantages), **rollouts.behaviour_ratio_stats(rollout))
     self._index, self._rollout, self._fresh_metrics = index, rollout, metrics
     self._lay_out(params)
+
+  def _constrain(self, rollout: Rollout) -> dict[str, float]:
+    """The rollout's rewards with the multiplier's penalty on its false-certain rows; then the multiplier's
+    dual-ascent step on the rollout's false-certain rate."""
+    rows, settings = rollout.constrained, self.constraint
+    metrics = {"constraint/multiplier": self.multiplier}
+    if not rows.any():
+      return metrics
+    flags = rollout.components[FALSE_CERTAIN]
+    rate = float(flags[rows].mean())
+    rollout.rewards = lagrangian(rollout.rewards, flags, rows, self.multiplier)
+    self.multiplier = dual_ascent(self.multiplier, rate, settings)
+    calibration = calibration_metrics(rollout.components[settings.correctness][rows],
+                                      rollout.components["confidence"][rows], settings.threshold)
+    return {**metrics, "constraint/false_certain_rate": rate, "constraint/slack": settings.target - rate,
+            **{f"calibration/{k}": v for k, v in calibration.items()}}
 
   def _place(self, x: np.ndarray) -> jax.Array:
     return jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))

@@ -16,7 +16,8 @@ from safework.rewards.base import RewardFunction
 from safework.rl import losses
 from safework.rl.objectives import PolicyGradientObjective
 from safework.rl.optim import OptimSettings, make_optimizer
-from safework.rl.rollout import RolloutSettings
+from safework.rewards.constraint import ConstraintSettings
+from safework.rl.rollout import RolloutSettings, ToolUse
 from safework.rl.source import RolloutSource
 from safework.training import Trainer, TrainSettings, TrainState
 
@@ -27,7 +28,8 @@ class RLTrainer:
   def __init__(self, *, model: Qwen25VL, params, processor: Processor, prompts: PromptSource,
                reward_fn: RewardFunction, rollout: RolloutSettings, loss: losses.LossSettings, optim: OptimSettings,
                train: TrainSettings, seed: int, workdir: str | Path, mesh: jax.sharding.Mesh,
-               rules: sharding.Rules = sharding.DEFAULT_RULES):
+               rules: sharding.Rules = sharding.DEFAULT_RULES, tools: ToolUse | None = None,
+               constraint: ConstraintSettings | None = None):
     rollout, loss, train = rollout.validate(), loss.validate(), train.validate()
     self.params = params
     self.total_steps = rollout.num_rollouts * rollout.steps
@@ -44,10 +46,11 @@ class RLTrainer:
     self.source = RolloutSource(model=model, processor=processor, prompts=prompts, reward_fn=reward_fn,
                                 settings=rollout, loss=loss, sampling=sampling, seed=seed, mesh=mesh, rules=rules,
                                 micro_batch_size=micro, logprob_chunk=train.logprob_chunk,
-                                vision_trainable=optim.vision_trainable, ref_params=ref_params)
+                                vision_trainable=optim.vision_trainable, ref_params=ref_params, tools=tools,
+                                constraint=constraint.validate() if constraint else None)
     objective = PolicyGradientObjective(model=model, logprob_chunk=train.logprob_chunk,
                                         vision_trainable=optim.vision_trainable, vocab_limit=sampling.vocab_limit,
-                                        loss=loss, response_widths=rollout.response_widths)
+                                        loss=loss, response_widths=rollout.widths(self.source.response_length))
     self.trainer = Trainer(workdir=workdir, mesh=mesh, settings=train, objective=objective, tx=self.tx,
                            source=self.source, shown=("reward/total", "loss"))
 

@@ -15,6 +15,7 @@ import numpy as np
 from safework.data.example import Example
 from safework.rewards.base import Rewards
 from safework.verifiers import rules
+from safework.verifiers.calibration import confidence_format
 
 Scorer = Callable[[Sequence[Example], Sequence[str], np.ndarray], np.ndarray]
 Recipes = Mapping[str, Sequence[tuple[str, float]]]
@@ -33,12 +34,14 @@ PAPER_RECIPES: dict[str, tuple[tuple[str, float], ...]] = {
 }
 
 
-RULES = ("math_rule", "refusal", "compliance", "refusal_correct", "instruction_following", "efficiency")
+RULES = ("math_rule", "refusal", "compliance", "refusal_correct", "instruction_following", "efficiency",
+         "confidence_format")
 
 
 def rule_scorer(name: str, max_tokens: int = 1024, target_tokens: int = 0) -> Scorer:
   """A rule verifier as a batch scorer: math_rule, refusal, compliance, refusal_correct (refuse exactly the rows
-  whose `meta["harmful"]` is true), instruction_following, efficiency."""
+  whose `meta["harmful"]` is true), instruction_following, efficiency, confidence_format (the answer states its
+  confidence)."""
   per_row = {
       "math_rule": lambda e, r, n: rules.math_correct(r, e.answer),
       "refusal": lambda e, r, n: float(rules.is_refusal(r)),
@@ -46,6 +49,7 @@ def rule_scorer(name: str, max_tokens: int = 1024, target_tokens: int = 0) -> Sc
       "refusal_correct": lambda e, r, n: float(rules.is_refusal(r) == bool(e.meta.get("harmful", False))),
       "instruction_following": lambda e, r, n: rules.follows_instructions(r, e.meta.get("constraints", {})),
       "efficiency": lambda e, r, n: rules.length_efficiency(int(n), max_tokens, target_tokens),
+      "confidence_format": lambda e, r, n: confidence_format(r),
   }
   if name not in per_row:
     raise KeyError(f"unknown rule verifier {name!r}; choose one of {sorted(per_row)}")

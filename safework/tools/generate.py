@@ -1,0 +1,137 @@
+"""Generation with tools: decode in chunks; a row that closes a tool call pauses, the tool runs on the host for every
+paused row at once, its result is appended through `Sampler.extend` (the prompt is never recomputed), and decoding
+resumes. Rows that call no tool wait at most one chunk for those that do.
+
+The response of a row interleaves the policy's tokens and the tools' results; `tool_mask` marks the latter, which
+are context, not actions (no loss, KL or entropy on them). Positions run on through a result, so the policy's
+log-probs equal those of one forward pass over prompt + the whole response.
+
+Axis legend: P prompts, G samples per prompt, B = P G rows (prompt-major), N response width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safework.distributed import host_array
+from safework.sampling.masks import force_next_token
+from safework.sampling.sampler import Sampler, bucket_length
+from safework.sampling.settings import SamplingSettings
+from safework.sampling.text import delimiter_stops
+from safework.tools.calls import CLOSING_TAGS, ToolSettings, pending_call, result_tokens, run_call
+from safework.tools.corpus import SearchIndex
+
+
+@dataclasses.dataclass
+class ToolRollout:
+  """Host arrays of responses generated with tools."""
+  tokens: np.ndarray               # [B, N] int32: policy tokens and tool results in order, pad after the end
+  logprobs: np.ndarray             # [B, N] policy log-probs (0 on tool tokens)
+  behaviour_logprobs: np.ndarray   # [B, N] log-probs under the distribution drawn from (0 on tool tokens)
+  tool_mask: np.ndarray            # [B, N] bool: tokens a tool wrote
+  lengths: np.ndarray              # [B] tokens of each response
+  done: np.ndarray                 # [B] ended by an end token or stop sequence (False: cut at a budget)
+  calls: np.ndarray                # [B] tool calls answered
+  read_tokens: np.ndarray          # [B] tool-result tokens in the context
+
+
+def response_width(max_new_tokens: int, tools: ToolSettings) -> int:
+  """Columns of a response: the policy's own tokens plus every result it may read."""
+  return max_new_tokens + tools.max_calls * tools.result_tokens
+
+
+@dataclasses.dataclass
+class _Row:
+  tokens: list = dataclasses.field(default_factory=list)
+  logprobs: list = dataclasses.field(default_factory=list)
+  behaviour: list = dataclasses.field(default_factory=list)
+  from_tool: list = dataclasses.field(default_factory=list)
+  calls: int = 0
+  done: bool = False      # no more tokens (ended, or cut)
+  ended: bool = False     # ended by an end token or stop sequence
+
+  @property
+  def policy_tokens(self) -> int:
+    return len(self.tokens) - sum(self.from_tool)
+
+  def add(self, tokens, logprobs, behaviour, from_tool: bool) -> None:
+    self.tokens += list(tokens)
+    self.logprobs += list(logprobs)
+    self.behaviour += list(behaviour)
+    self.from_tool += [from_tool] * len(tokens)
+
+
+def generate_with_tools(sampler: Sampler, params, batch: dict, rng: jax.Array, sampling: SamplingSettings,
+                        index: SearchIndex, tokenizer, tools: ToolSettings, num_samples: int = 1,
+                        first_row: int = 0) -> ToolRollout:
+  """`num_samples` responses per prompt of `batch`, each with up to `sampling.max_new_tokens` tokens of its own and
+  `tools.max_calls` tool results. Row i of a round draws with fold_in(round key, first_row * G + i), so generating
+  a batch in chunks of prompts samples the same."""
+  tools.validate()
+  max_new, chunk = sampling.max_new_tokens, tools.chunk_tokens
+  reserve = max_new + tools.max_calls * (bucket_length(tools.result_tokens, minimum=1) + chunk) + chunk
+  prefix = sampler.prefill(params, batch, reserve)
+  prompts = prefix.key_valid.shape[0]
+  if num_samples > 1:
+    prefix = prefix.take(jnp.repeat(jnp.arange(prompts), num_samples))
+  rows = [_Row() for _ in range(prompts * num_samples)]
+  eos = set(sampling.eos_ids)
+  step_sampling = sampling.replace(stop_sequences=sampling.stop_sequences + delimiter_stops(tokenizer, CLOSING_TAGS))
+  for round_index in itertools.count():
+    if all(row.done for row in rows):
+      break
+    budget = min(chunk, prefix.capacity - int(prefix.write_index))
+    if budget < 1:   # out of cache room: the rows still going are cut
+      for row in rows:
+        row.done = True
+      break
+    idle = np.array([row.done for row in rows])
+    if idle.any() and eos:   # finished rows end their (ignored) tokens at once
+      prefix = force_next_token(prefix, idle, min(eos))
+    out = sampler.decode(params, prefix, jax.random.fold_in(rng, round_index), step_sampling.replace(
+        max_new_tokens=budget), first_row=first_row * num_samples)
+    prefix = out.prefix
+    tokens, lengths, logprobs, behaviour = (host_array(x) for x in (out.tokens, out.lengths, out.logprobs,
+                                                                    out.behaviour_logprobs))
+    results = {}
+    for r, row in enumerate(rows):
+      if row.done:
+        continue
+      n = min(int(lengths[r]), max_new - row.policy_tokens)
+      row.add(tokens[r, :n], logprobs[r, :n], behaviour[r, :n], from_tool=False)
+      drawn = row.tokens[-n:] if n else []
+      row.ended = bool(drawn) and (drawn[-1] in eos or any(tuple(drawn[-len(s):]) == s
+                                                           for s in sampling.stop_sequences))
+      call = None if row.ended else pending_call(tokenizer.decode(row.tokens, skip_special_tokens=True))
+      if call is not None and row.calls < tools.max_calls:
+        results[r] = result_tokens(tokenizer, run_call(index, *call, tools), tools.result_tokens)
+      row.done = row.ended or row.policy_tokens >= max_new
+    if results:
+      width = max(map(len, results.values()))
+      block, valid = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), bool)
+      for r, ids in results.items():   # left-padded: each result ends at the block's end
+        block[r, width - len(ids):], valid[r, width - len(ids):] = ids, True
+        rows[r].add(ids, [0.0] * len(ids), [0.0] * len(ids), from_tool=True)
+        rows[r].calls += 1
+      if int(prefix.write_index) + bucket_length(width, minimum=1) > prefix.capacity:
+        for row in rows:
+          row.done = True
+      else:
+        prefix = sampler.extend(params, prefix, block, valid)
+  width = response_width(max_new, tools)
+  out = ToolRollout(tokens=np.full((len(rows), width), sampling.pad_id, np.int32),
+                    logprobs=np.zeros((len(rows), width), np.float32),
+                    behaviour_logprobs=np.zeros((len(rows), width), np.float32),
+                    tool_mask=np.zeros((len(rows), width), bool), lengths=np.zeros(len(rows), np.int32),
+                    done=np.array([row.ended for row in rows]), calls=np.array([row.calls for row in rows]),
+                    read_tokens=np.array([sum(row.from_tool) for row in rows]))
+  for r, row in enumerate(rows):
+    n = len(row.tokens)
+    out.tokens[r, :n], out.logprobs[r, :n], out.behaviour_logprobs[r, :n] = row.tokens, row.logprobs, row.behaviour
+    out.tool_mask[r, :n], out.lengths[r] = row.from_tool, n
+  return out
