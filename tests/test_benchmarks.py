@@ -93,7 +93,7 @@ def test_bad_files_are_named_with_the_row_and_the_fix(tmp_path):
   with pytest.raises(BenchmarkFileError, match="points outside"):
     get_benchmark("harmbench").read(_csv(tmp_path / "up.csv", header, [["b", "c", "id", "../../etc/passwd"]]))
   (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\nnot json\n')
-  with pytest.raises(BenchmarkFileError, match=r"bad.jsonl:2: not a JSON line"):
+  with pytest.raises(BenchmarkFileError, match=r"bad.jsonl:2: not valid JSON"):
     list(jsonl_rows(tmp_path / "bad.jsonl"))
   with pytest.raises(ValueError, match="unknown benchmark 'xtest'"):
     get_benchmark("xtest")

@@ -36,7 +36,7 @@ def _corpus(path, documents=DOCUMENTS):
 
 def test_a_bad_corpus_line_is_named_with_the_fix(tmp_path):
   bad = tmp_path / "bad.jsonl"
-  for text, message in [('{"id": "a", "title": "t", "text": "x"}\nnot json\n', r"bad.jsonl:2: not JSON"),
+  for text, message in [('{"id": "a", "title": "t", "text": "x"}\nnot json\n', r"bad.jsonl:2: not valid JSON"),
                         ('{"id": "a", "title": "t"}\n', r"bad.jsonl:1: \['text'\] missing or not strings"),
                         ('{"id": "a", "title": "t", "text": "x"}\n{"id": "a", "title": "u", "text": "y"}\n',
                          r"bad.jsonl:2: id 'a' is already used on line 1"),

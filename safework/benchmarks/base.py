@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 import numpy as np
 
 from safework.data.example import Example
+from safework.data.jsonl import json_objects
 from safework.verifiers.judges import JudgeSpec
 
 
@@ -93,17 +94,7 @@ def csv_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[st
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise BenchmarkFileError(f"{path}:{line_number}: not a JSON line ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise BenchmarkFileError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-      yield line_number, row
+  return json_objects(path, BenchmarkFileError)
 
 
 def json_file(path: Path) -> Any:

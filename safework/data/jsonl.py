@@ -72,17 +72,24 @@ def _rows(path: Path, schema: Mapping[str, type], required: Sequence[str]) -> It
       for line, row in enumerate(csv.DictReader(f), start=2):
         yield line, _coerce(path, line, row, schema, required)
     return
-  with path.open() as f:
+  for line, row in json_objects(path):
+    yield line, _coerce(path, line, row, schema, required)
+
+
+def json_objects(path: Path, error: type[Exception] = DataError) -> Iterator[tuple[int, dict]]:
+  """(line number, object) of every non-empty line of a JSONL file; a line that is not a JSON object raises `error`
+  naming the file and the line."""
+  with open(path, encoding="utf-8") as f:
     for line, text in enumerate(f, start=1):
       if not text.strip():
         continue
       try:
         row = json.loads(text)
       except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise error(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})") from None
       if not isinstance(row, dict):
-        raise DataError(f"{path}:{line}: a row must be a JSON object, got {type(row).__name__}")
-      yield line, _coerce(path, line, row, schema, required)
+        raise error(f"{path}:{line}: a row must be a JSON object, got {type(row).__name__}")
+      yield line, row
 
 
 def resolve_image(path: Path, line: int, base: Path, name: str) -> str:

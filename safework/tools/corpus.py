@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from safework.data.jsonl import json_objects
 
 FIELDS = ("id", "title", "text")
 
@@ -35,24 +36,16 @@ def read_corpus(path: str | Path) -> list[Document]:
   if not path.is_file():
     raise FileNotFoundError(f"corpus {path} is not a file: give a JSONL of {{\"id\", \"title\", \"text\"}} documents")
   documents, seen = [], {}
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not JSON ({e.msg}); each line is one {{\"id\", \"title\", \"text\"}} "
-                         "object") from None
-      if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in FIELDS):
-        missing = [k for k in FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-        raise ValueError(f"{path}:{number}: {missing} missing or not strings; each document needs string "
-                         f"fields {list(FIELDS)}")
-      if row["id"] in seen:
-        raise ValueError(f"{path}:{number}: id {row['id']!r} is already used on line {seen[row['id']]}; ids must "
-                         "be unique")
-      seen[row["id"]] = number
-      documents.append(Document(row["id"], row["title"], row["text"]))
+  for number, row in json_objects(path, ValueError):
+    missing = [k for k in FIELDS if not isinstance(row.get(k), str)]
+    if missing:
+      raise ValueError(f"{path}:{number}: {missing} missing or not strings; each document needs string fields "
+                       f"{list(FIELDS)}")
+    if row["id"] in seen:
+      raise ValueError(f"{path}:{number}: id {row['id']!r} is already used on line {seen[row['id']]}; ids must be "
+                       "unique")
+    seen[row["id"]] = number
+    documents.append(Document(row["id"], row["title"], row["text"]))
   if not documents:
     raise ValueError(f"corpus {path} holds no documents")
   return documents
