@@ -11,9 +11,8 @@ import re
 from typing import Sequence
 
 import jax
-import numpy as np
 
-from safework.sampling.sampler import Prefix, Sampler, SampleOutput
+from safework.sampling.sampler import Prefix, Sampler, SampleOutput, left_padded_block
 from safework.sampling.settings import SamplingSettings
 
 DELIMITERS = ("\n\n",)
@@ -44,12 +43,6 @@ def resume_after_edit(sampler: Sampler, params, prompt: Prefix, tokenizer, edits
                       settings: SamplingSettings, rng: jax.Array) -> SampleOutput:
   """Continues every row of the cached `prompt` after its edited response prefix `edits[row]`; `prompt` is kept
   (other edits can resume from it). The prefill must have reserved room for the edit (`extra_slots`)."""
-  encoded = [tokenizer.encode(text, add_special_tokens=False) for text in edits]
-  width = max(1, max(map(len, encoded)))
-  tokens = np.zeros((len(encoded), width), np.int32)
-  valid = np.zeros((len(encoded), width), bool)
-  for row, ids in enumerate(encoded):   # left-padded: each row's edit ends at the block's end
-    if ids:
-      tokens[row, width - len(ids):], valid[row, width - len(ids):] = ids, True
-  prefix = sampler.extend(params, prompt, tokens, valid)
+  block = left_padded_block([tokenizer.encode(text, add_special_tokens=False) for text in edits])
+  prefix = sampler.extend(params, prompt, *block)
   return sampler.decode(params, prefix, rng, settings)

@@ -26,8 +26,8 @@ import numpy as np
 from safework.data.example import Example
 from safework.distributed import host_array
 from safework.intervention.settings import SearchSettings
-from safework.sampling.masks import BannedSequences, Chain, GreedyEvery, banned_next, force_next_token, mask_next_tokens
-from safework.sampling.sampler import Prefix, Sampler, bucket_length
+from safework.sampling.masks import BannedSequences, Chain, GreedyEvery, banned_next, end_rows, mask_next_tokens
+from safework.sampling.sampler import Prefix, Sampler, bucket_length, left_padded_block
 from safework.sampling.settings import SamplingSettings
 from safework.sampling.text import delimiter_stops, stop_sequences
 from safework.verifiers.recipes import Scorer
@@ -110,8 +110,7 @@ class StepSearch:
       raise ValueError(f"the search weighs verifiers {missing}, which were not given (given: {sorted(scorers)})")
     banned = stop_sequences(tokenizer, settings.banned)
     self.sampler, self.tokenizer, self.scorers, self.banned = sampler, tokenizer, scorers, banned
-    self.max_new_tokens = sampling.max_new_tokens
-    self.answer_ends = (set(sampling.eos_ids), sampling.stop_sequences)
+    self.max_new_tokens, self.sampling = sampling.max_new_tokens, sampling
     self.processors = tuple(p for p in (sampling.logits_processor, BannedSequences(banned) if banned else None) if p)
     self.completion_sampling = sampling.replace(   # the lookahead: greedy to the end of the answer
         temperature=0.0, top_p=1.0, logits_processor=_chain(self.processors))
@@ -128,10 +127,6 @@ class StepSearch:
 
   def _text(self, tokens: Sequence[int]) -> str:
     return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
-
-  def _ends_answer(self, tokens: Sequence[int]) -> bool:
-    eos, stops = self.answer_ends
-    return bool(tokens) and (tokens[-1] in eos or any(tuple(tokens[-len(s):]) == s for s in stops))
 
   def _score(self, examples: Sequence[Example], responses: Sequence[str]) -> np.ndarray:
     """Each row's recipe: the weighted mean of its verifiers' scores (0 for rows no recipe judges), each verifier
@@ -152,10 +147,7 @@ class StepSearch:
 
   def _decode(self, params, prefix: Prefix, masked: list[set[int]], done: np.ndarray, rng, samples: int,
               budget: int):
-    prefix = mask_next_tokens(prefix, masked)
-    eos = sorted(self.answer_ends[0])
-    if done.any() and eos:   # finished beams end their (ignored) candidates at once
-      prefix = force_next_token(prefix, done, eos[0])
+    prefix = end_rows(mask_next_tokens(prefix, masked), done, self.sampling.eos_ids)   # finished beams
     out = self.sampler.decode(params, prefix, rng, self._candidate_sampling(samples, budget), num_samples=samples,
                               keep_prefix=True)
     tokens, lengths, logprobs = (host_array(x) for x in (out.tokens, out.lengths, out.logprobs))
@@ -167,16 +159,13 @@ class StepSearch:
     """Greedy completions of the `wanted` ones of `prefix`'s `rows` (whose responses so far are `drawn`) to the end
     of the answer, in one compacting decode call; a row whose answer has ended, or that is at max_new_tokens, gets
     none."""
-    rooms = [0 if not want or self._ends_answer(d) else self.max_new_tokens - len(d) for d, want in zip(drawn, wanted)]
+    rooms = [0 if not want or self.sampling.ends(d) else self.max_new_tokens - len(d) for d, want in zip(drawn, wanted)]
     budget = min(self.max_new_tokens, prefix.capacity - int(prefix.write_index))   # one program for every step
     if budget < 1 or max(rooms) < 1:
       return [[] for _ in rows]
     picked = rows + [rows[0]] * (bucket_length(len(rows), minimum=1) - len(rows))
-    start = prefix.take(jnp.asarray(picked))
-    eos = sorted(self.answer_ends[0])
-    if eos:
-      start = force_next_token(start, np.array([room < 1 for room in rooms] + [True] * (len(picked) - len(rows))),
-                               eos[0])
+    idle = np.array([room < 1 for room in rooms] + [True] * (len(picked) - len(rows)))
+    start = end_rows(prefix.take(jnp.asarray(picked)), idle, self.sampling.eos_ids)
     out = self.sampler.decode(params, start, jax.random.key(0), self.completion_sampling.replace(
         max_new_tokens=budget), keep_prefix=True, compact=True)   # keep: no buffer of a compacting loop is reused
     tokens, lengths = host_array(out.tokens), host_array(out.lengths)
@@ -250,7 +239,7 @@ class StepSearch:
           at_limit = len(tokens) >= self.max_new_tokens
           step = Step(self._text(pool.tokens[c]), float(pool.scores[c]), tuple(pool.history[r]),
                       int(pool.resampled[r]))
-          ends = self._ends_answer(tokens)
+          ends = self.sampling.ends(tokens)
           options.append((float(pool.scores[c]), _Beam(tokens, beam.logprobs + tuple(pool.logprobs[c]),
                                                        beam.steps + (step,), float(pool.scores[c]),
                                                        done=ends or at_limit or not pool.tokens[c], finished=ends),
@@ -275,12 +264,7 @@ class StepSearch:
       return groups, after
     rows = list(edits)
     encoded = [self.tokenizer.encode(edits[p], add_special_tokens=False) for p in rows]
-    width = max(1, max(map(len, encoded)))
-    tokens, valid = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), bool)
-    for i, ids in enumerate(encoded):
-      if ids:
-        tokens[i, width - len(ids):], valid[i, width - len(ids):] = ids, True
-    extended = self.sampler.extend(params, before.take(jnp.asarray(rows)), tokens, valid)
+    extended = self.sampler.extend(params, before.take(jnp.asarray(rows)), *left_padded_block(encoded))
     after = after.put(jnp.asarray(rows), extended)
     responses = [self._text(parents[p].tokens + tuple(ids)) for p, ids in zip(rows, encoded)]
     scores = self._score([examples[p] for p in rows], responses)

@@ -92,9 +92,12 @@ def mask_next_tokens(prefix: Prefix, masked: Sequence[set[int]]) -> Prefix:
   return prefix.replace(last_logits=_mask_pairs(prefix.last_logits, jnp.asarray(rows), jnp.asarray(tokens)))
 
 
-def force_next_token(prefix: Prefix, rows: np.ndarray, token: int) -> Prefix:
-  """The prefix with `token` certain as the next token of the rows where `rows` [B] is true (a finished row emits
-  its end token at once, so it does not hold up a decode call)."""
+def end_rows(prefix: Prefix, rows: np.ndarray, eos_ids: Sequence[int]) -> Prefix:
+  """The prefix with an end token certain as the next token of the rows where `rows` [B] is true: a finished row
+  ends its (ignored) tokens at once, so it does not hold up a decode call. Unchanged without end tokens."""
+  rows = np.asarray(rows, bool)
+  if not eos_ids or not rows.any():
+    return prefix
   vocab = jnp.arange(prefix.last_logits.shape[-1])
-  only = jnp.where(vocab == token, 0.0, -jnp.inf)
+  only = jnp.where(vocab == min(eos_ids), 0.0, -jnp.inf)
   return prefix.replace(last_logits=jnp.where(jnp.asarray(rows)[:, None], only, prefix.last_logits))

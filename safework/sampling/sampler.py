@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -130,6 +130,17 @@ def filled_floor(write_index: int) -> int:
   """The decode program's static `filled`: the prompt's slots rounded down to a power of two (few programs; spans
   no longer than it are never attended, so a long prompt compiles no loop bodies for short spans)."""
   return 1 << (write_index.bit_length() - 1) if write_index > 0 else 0
+
+
+def left_padded_block(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists as one block for `Sampler.extend`: tokens [B, w] and valid [B, w], each row's tokens ending at the
+  block's end (w: the longest list, at least 1; an empty list writes nothing)."""
+  width = max(1, max(map(len, rows), default=0))
+  tokens, valid = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), bool)
+  for row, ids in enumerate(rows):
+    if len(ids):
+      tokens[row, width - len(ids):], valid[row, width - len(ids):] = ids, True
+  return tokens, valid
 
 
 def pad_left(ids: np.ndarray, mask: np.ndarray, width: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

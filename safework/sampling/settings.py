@@ -47,5 +47,11 @@ embedding has more rows than its tokenizer has tokens). `stop_sequences` are tok
       raise ValueError("stop sequences must not be empty")
     return self
 
+  def ends(self, tokens) -> bool:
+    """Whether host tokens (a row's response so far) end with an end token or a stop sequence."""
+    tokens = tuple(tokens)
+    return bool(tokens) and (tokens[-1] in self.eos_ids or any(tokens[-len(s):] == tuple(s)
+                                                               for s in self.stop_sequences))
+
   def replace(self, **changes) -> "SamplingSettings":
     return dataclasses.replace(self, **changes).validate()

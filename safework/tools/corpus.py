@@ -1,9 +1,10 @@
 """The search tool's local corpus: a JSONL file of `{"id", "title", "text"}` documents, indexed with BM25 (`bm25s`).
 
 The index is built once into a directory (the work directory's `search_index/`: numpy arrays and JSON, no pickle)
-and rebuilt only when the corpus file changes (its sha256 is recorded beside the index). bm25s keeps a sparse matrix in memory and retrieves with a
-few sparse products: fast for the tiny suite and fine for millions of passages on one host; an index of all of
-Wikipedia's passages (tens of millions) would rather use an on-disk engine (tantivy), behind the same `search`.
+and rebuilt only when the corpus file changes (its sha256 is recorded beside the index). bm25s keeps a sparse
+matrix in memory and retrieves with a few sparse products: fast for the tiny suite and fine for millions of
+passages on one host; an index of all of Wikipedia's passages (tens of millions) would rather use an on-disk engine
+(tantivy), behind the same `search`.
 The tool only ever reads this index: queries are plain strings, never file paths, and nothing reaches a network.
 """
 

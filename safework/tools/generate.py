@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from safework.distributed import host_array
-from safework.sampling.masks import force_next_token
-from safework.sampling.sampler import Sampler, bucket_length
+from safework.sampling.masks import end_rows
+from safework.sampling.sampler import Sampler, bucket_length, left_padded_block
 from safework.sampling.settings import SamplingSettings
 from safework.sampling.text import delimiter_stops
 from safework.tools.calls import CLOSING_TAGS, ToolSettings, pending_call, result_tokens, run_call
@@ -80,7 +80,6 @@ def generate_with_tools(sampler: Sampler, params, batch: dict, rng: jax.Array, s
   if num_samples > 1:
     prefix = prefix.take(jnp.repeat(jnp.arange(prompts), num_samples))
   rows = [_Row() for _ in range(prompts * num_samples)]
-  eos = set(sampling.eos_ids)
   step_sampling = sampling.replace(stop_sequences=sampling.stop_sequences + delimiter_stops(tokenizer, CLOSING_TAGS))
   for round_index in itertools.count():
     if all(row.done for row in rows):
@@ -90,9 +89,7 @@ def generate_with_tools(sampler: Sampler, params, batch: dict, rng: jax.Array, s
       for row in rows:
         row.done = True
       break
-    idle = np.array([row.done for row in rows])
-    if idle.any() and eos:   # finished rows end their (ignored) tokens at once
-      prefix = force_next_token(prefix, idle, min(eos))
+    prefix = end_rows(prefix, np.array([row.done for row in rows]), sampling.eos_ids)   # finished rows
     out = sampler.decode(params, prefix, jax.random.fold_in(rng, round_index), step_sampling.replace(
         max_new_tokens=budget), first_row=first_row * num_samples)
     prefix = out.prefix
@@ -104,25 +101,21 @@ def generate_with_tools(sampler: Sampler, params, batch: dict, rng: jax.Array, s
         continue
       n = min(int(lengths[r]), max_new - row.policy_tokens)
       row.add(tokens[r, :n], logprobs[r, :n], behaviour[r, :n], from_tool=False)
-      drawn = row.tokens[-n:] if n else []
-      row.ended = bool(drawn) and (drawn[-1] in eos or any(tuple(drawn[-len(s):]) == s
-                                                           for s in sampling.stop_sequences))
+      row.ended = bool(n) and sampling.ends(row.tokens[-n:])   # the tokens just drawn
       call = None if row.ended else pending_call(tokenizer.decode(row.tokens, skip_special_tokens=True))
       if call is not None and row.calls < tools.max_calls:
         results[r] = result_tokens(tokenizer, run_call(index, *call, tools), tools.result_tokens)
       row.done = row.ended or row.policy_tokens >= max_new
     if results:
-      width = max(map(len, results.values()))
-      block, valid = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), bool)
-      for r, ids in results.items():   # left-padded: each result ends at the block's end
-        block[r, width - len(ids):], valid[r, width - len(ids):] = ids, True
+      block = left_padded_block([results.get(r, []) for r in range(len(rows))])
+      for r, ids in results.items():
         rows[r].add(ids, [0.0] * len(ids), [0.0] * len(ids), from_tool=True)
         rows[r].calls += 1
-      if int(prefix.write_index) + bucket_length(width, minimum=1) > prefix.capacity:
+      if int(prefix.write_index) + bucket_length(block[0].shape[1], minimum=1) > prefix.capacity:
         for row in rows:
           row.done = True
       else:
-        prefix = sampler.extend(params, prefix, block, valid)
+        prefix = sampler.extend(params, prefix, *block)
   width = response_width(max_new, tools)
   out = ToolRollout(tokens=np.full((len(rows), width), sampling.pad_id, np.int32),
                     logprobs=np.zeros((len(rows), width), np.float32),
