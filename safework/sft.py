@@ -23,6 +23,7 @@ from safework.processing import Processor
 from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, micro_batch_layout, prompt_sequences
 from safework.rl.logprobs import bucketed_widths
 from safework.sampling.prompts import PromptBatch
+from safework.tools.calls import trace_tokens
 from safework.rl.objectives import CrossEntropyObjective
 from safework.rl.optim import OptimSettings, make_optimizer
 from safework.training import StepBatch, StepSource, Trainer, TrainSettings
@@ -56,13 +57,16 @@ def sft_rows(examples: Sequence[Example], traces: Sequence[str], processor: Proc
                            width=settings.prompt_length)
   tokenizer = processor.tokenizer
   end = tokenizer.eos_token or "<|im_end|>"
-  responses = [tokenizer.encode(t + end, add_special_tokens=False)[:settings.response_length] for t in traces]
-  tokens = np.full((len(responses), settings.response_length), tokenizer.pad_token_id, np.int32)
-  for i, r in enumerate(responses):
-    tokens[i, :len(r)] = r
-  lengths = np.array([len(r) for r in responses], np.int32)
+  width = settings.response_length
+  tokens = np.full((len(traces), width), tokenizer.pad_token_id, np.int32)
+  trained = np.zeros((len(traces), width), bool)   # the policy's tokens (a tool's result is context)
+  lengths = np.zeros(len(traces), np.int32)
+  for i, trace in enumerate(traces):
+    ids, from_tool = trace_tokens(tokenizer, trace + end)
+    lengths[i] = n = min(len(ids), width)
+    tokens[i, :n], trained[i, :n] = ids[:n], ~np.asarray(from_tool[:n], bool)
   return prompt_sequences(prompts, model_config, tokens, lengths, np.zeros(tokens.shape, np.float32),
-                          np.zeros(len(tokens), np.float32), vision_shards=vision_shards)
+                          np.zeros(len(tokens), np.float32), loss_mask=trained, vision_shards=vision_shards)
 
 
 class TraceSource(StepSource):
@@ -87,7 +91,7 @@ class TraceSource(StepSource):
     pairs = self.examples(step)
     rows, vision = sft_rows([e for e, _ in pairs], [t for _, t in pairs], self.processor, self.model_config,
                             self.settings, shard_axes(self.mesh, self.rules))
-    lengths = rows.loss_mask.sum(axis=1)
+    lengths = np.asarray(rows.attention_mask)[:, -rows.response_length:].sum(axis=1)   # tool results included
     rows = rows.rows(micro_batch_layout(np.arange(len(lengths)), lengths, self.micro_batches))
     place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))
     return StepBatch(rows=jax.tree.map(place, rows),

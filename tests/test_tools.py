@@ -16,9 +16,10 @@ from safework.rewards.constraint import FALSE_CERTAIN, ConstraintSettings, dual_
 from safework.rl.losses import LossSettings, policy_objective
 from safework.rl.rollout import Rollout, training_rows
 from safework.sampling import PromptBatch, Sampler, SamplingSettings
-from safework.tools.calls import ToolSettings, pending_call, result_tokens, run_call
+from safework.sft import SFTSettings, sft_rows
+from safework.tools.calls import ToolSettings, pending_call, result_tokens, run_call, trace_tokens
 from safework.tools.corpus import SearchIndex, read_corpus
-from safework.tools.generate import generate_with_tools
+from safework.tools.generate import ToolUse, generate_with_tools
 from safework.verifiers.calibration import calibration_metrics, confidence_or_certain, stated_confidence
 from safework.verifiers.recipes import rule_scorer
 
@@ -79,6 +80,33 @@ def test_calls_are_read_at_the_end_of_the_text_and_results_fit_their_budget(tmp_
     ToolSettings(chunk_tokens=0).validate()
 
 
+def test_sft_trains_the_policys_tokens_of_a_trace_and_never_the_tools(chat_checkpoint):
+  """A written trace is tokenized as a rollout holds it (the policy's text and each result encoded apart, the
+  result through `result_tokens`), and the SFT loss mask is zero exactly on the result's tokens."""
+  processor = Processor.from_pretrained(chat_checkpoint)
+  tokenizer = processor.tokenizer
+  before, found, after = "<think>look up<search>kel</search>", "Mount Kel: it is high.", " high</think> done"
+  trace = f"{before}<result>{found}</result>{after}"
+  ids, from_tool = trace_tokens(tokenizer, trace)
+  encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+  result = result_tokens(tokenizer, found, 10 ** 6)
+  assert ids == encode(before) + result + encode(after)
+  assert from_tool == [False] * len(encode(before)) + [True] * len(result) + [False] * len(encode(after))
+  assert trace_tokens(tokenizer, "<think>no tool</think> fine") == (encode("<think>no tool</think> fine"),
+                                                                      [False] * len(encode("<think>no tool</think> fine")))
+  model, _ = from_pretrained(chat_checkpoint)
+  settings = SFTSettings(steps=1, batch_size=2, prompt_length=64, response_length=96)
+  rows, _ = sft_rows([Example("q"), Example("q")], [trace, "<think>x</think> y"], processor, model.config, settings)
+  end = encode(tokenizer.eos_token)
+  mask = np.asarray(rows.loss_mask)
+  expected = np.zeros((2, 96), np.float32)
+  expected[0, :len(ids) + len(end)] = [not t for t in from_tool] + [True] * len(end)
+  expected[1, :len(encode("<think>x</think> y") + end)] = 1
+  np.testing.assert_array_equal(mask, expected)
+  response_ids = np.asarray(rows.input_ids)[0, -96:][:len(ids)]
+  np.testing.assert_array_equal(response_ids, ids)
+
+
 @dataclasses.dataclass(frozen=True)
 class _CallFirst:
   """A logits processor: every `period`-th row spells `sequence` at the start of each decode call; no row draws the
@@ -113,7 +141,7 @@ def test_generation_pauses_for_the_tool_and_resumes_with_its_result_in_context(c
   sampling = SamplingSettings(max_new_tokens=2 * len(call) + 4, temperature=0.0, pad_id=0,
                               logits_processor=_CallFirst(call, 2, vision_ids))
   sampler = Sampler(model)
-  out = generate_with_tools(sampler, params, batch, jax.random.key(0), sampling, index, tokenizer, tools,
+  out = generate_with_tools(sampler, params, batch, jax.random.key(0), sampling, ToolUse(tools, index), tokenizer,
                             num_samples=2)
   expected_result = result_tokens(tokenizer, run_call(index, "search", "zorbin", tools), 40)
   plain = sampler.generate(params, batch, jax.random.key(0), sampling.replace(

@@ -36,9 +36,7 @@ from safework.rl.logprobs import bucketed_widths
 from safework.sampling import Sampler, SamplingSettings
 from safework.sampling.prompts import PromptBatch
 from safework.sampling.text import decode_rows, stop_sequences
-from safework.tools.calls import ToolSettings
-from safework.tools.corpus import SearchIndex
-from safework.tools.generate import generate_with_tools, response_width
+from safework.tools.generate import ToolUse, generate_with_tools
 
 OVERLONG = ("none", "mask", "soft")
 
@@ -233,23 +231,13 @@ def overlong_shaping(lengths: np.ndarray, done: np.ndarray, settings: RolloutSet
   return change, trained
 
 
-@dataclasses.dataclass(frozen=True)
-class ToolUse:
-  """The search tool of a deliberative-search stage: how calls are answered, and the local index they read."""
-  settings: ToolSettings
-  index: SearchIndex
-
-  def response_length(self, max_new_tokens: int) -> int:
-    return response_width(max_new_tokens, self.settings)
-
-
 def _generate(sampler: Sampler, params, part: PromptBatch, rng, sampling: SamplingSettings, tokenizer,
               settings: RolloutSettings, tools: ToolUse | None, first_row: int) -> dict[str, np.ndarray]:
   """One chunk of prompts' G samples each, as host arrays (with tools: their results interleaved)."""
   g = settings.samples_per_prompt
   if tools is not None:
-    out = generate_with_tools(sampler, params, part.arrays(), rng, sampling, tools.index, tokenizer, tools.settings,
-                              num_samples=g, first_row=first_row)
+    out = generate_with_tools(sampler, params, part.arrays(), rng, sampling, tools, tokenizer, num_samples=g,
+                              first_row=first_row)
     return {"responses": out.tokens, "lengths": out.lengths, "done": out.done, "policy_logp": out.logprobs,
             "behaviour_logp": out.behaviour_logprobs, "tool_mask": out.tool_mask, "tool_calls": out.calls}
   out = sampler.generate(params, part.arrays(), rng, sampling, num_samples=g, first_row=first_row,

@@ -27,6 +27,7 @@ from safework.rl.batch import SequenceBatch, VisionContext, micro_batch_layout, 
 from safework.rl.objectives import make_logprob_fn
 from safework.rl.rollout import Rollout, RolloutSettings
 from safework.sampling import Sampler, SamplingSettings
+from safework.tools.generate import ToolUse
 from safework.training.loop import StepBatch
 from safework.verifiers.calibration import calibration_metrics
 
@@ -35,7 +36,7 @@ class RolloutSource:
   def __init__(self, *, model: Qwen25VL, processor: Processor, prompts: PromptSource, reward_fn: RewardFunction,
                settings: RolloutSettings, loss: losses.LossSettings, sampling: SamplingSettings, seed: int,
                mesh: jax.sharding.Mesh, rules: sharding.Rules, micro_batch_size: int, logprob_chunk: int,
-               vision_trainable: bool, ref_params=None, tools: rollouts.ToolUse | None = None,
+               vision_trainable: bool, ref_params=None, tools: ToolUse | None = None,
                constraint: ConstraintSettings | None = None):
     self.model, self.processor, self.reward_fn = model, processor, reward_fn
     self.tools, self.constraint = tools, constraint

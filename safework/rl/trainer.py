@@ -17,7 +17,8 @@ from safework.rl import losses
 from safework.rl.objectives import PolicyGradientObjective
 from safework.rl.optim import OptimSettings, make_optimizer
 from safework.rewards.constraint import ConstraintSettings
-from safework.rl.rollout import RolloutSettings, ToolUse
+from safework.rl.rollout import RolloutSettings
+from safework.tools.generate import ToolUse
 from safework.rl.source import RolloutSource
 from safework.training import Trainer, TrainSettings, TrainState
 

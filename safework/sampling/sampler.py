@@ -163,7 +163,7 @@ class Sampler:
     self.cache_dtype = cache_dtype or model.dtype
     # The jitted programs (also what `safework.plan` compiles for a slice).
     self.jitted_prefill = jax.jit(self._prefill_fn, static_argnames=("capacity",))
-    self._extend = jax.jit(self._extend_fn)
+    self.jitted_extend = jax.jit(self._extend_fn)
     static = ("settings", "num_samples", "compact", "filled")
     self._decode = jax.jit(self._decode_fn, static_argnames=static, donate_argnames=("prefix",))
     self._decode_keep = jax.jit(self._decode_fn, static_argnames=static)
@@ -379,7 +379,7 @@ class Sampler:
     if int(prefix.write_index) + width > prefix.capacity:
       raise ValueError(f"the prefix has room for {prefix.capacity - int(prefix.write_index)} more slots, "
                        f"{width} are needed; prefill with more extra_slots")
-    return self._extend(params, prefix, tokens, valid)
+    return self.jitted_extend(params, prefix, tokens, valid)
 
   def decode(self, params, prefix: Prefix, rng: jax.Array, settings: SamplingSettings, num_samples: int = 1,
              keep_prefix: bool = False, first_row: int = 0, compact: bool = False) -> SampleOutput:

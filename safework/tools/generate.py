@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,28 @@ def response_width(max_new_tokens: int, tools: ToolSettings) -> int:
   return max_new_tokens + tools.max_calls * tools.result_tokens
 
 
+def cache_reserve(max_new_tokens: int, tools: ToolSettings) -> int:
+  """Cache slots generation with tools reserves after the prompt: the policy's tokens, every result (in its bucket)
+  and the chunk each call may leave part-used (a row waits while others finish their chunk)."""
+  return max_new_tokens + tools.max_calls * (bucket_length(tools.result_tokens, minimum=1) + tools.chunk_tokens) + \
+      tools.chunk_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolUse:
+  """The search tool at hand while generating: how calls are answered, and the local index they read."""
+  settings: ToolSettings
+  index: SearchIndex
+
+  @classmethod
+  def build(cls, settings: ToolSettings, directory: str | Path) -> "ToolUse":
+    """The tool over `settings.corpus`, indexed once into `directory`."""
+    return cls(settings.validate(), SearchIndex.build(settings.corpus, directory))
+
+  def response_length(self, max_new_tokens: int) -> int:
+    return response_width(max_new_tokens, self.settings)
+
+
 @dataclasses.dataclass
 class _Row:
   tokens: list = dataclasses.field(default_factory=list)
@@ -67,15 +90,13 @@ class _Row:
 
 
 def generate_with_tools(sampler: Sampler, params, batch: dict, rng: jax.Array, sampling: SamplingSettings,
-                        index: SearchIndex, tokenizer, tools: ToolSettings, num_samples: int = 1,
-                        first_row: int = 0) -> ToolRollout:
+                        tool: ToolUse, tokenizer, num_samples: int = 1, first_row: int = 0) -> ToolRollout:
   """`num_samples` responses per prompt of `batch`, each with up to `sampling.max_new_tokens` tokens of its own and
-  `tools.max_calls` tool results. Row i of a round draws with fold_in(round key, first_row * G + i), so generating
-  a batch in chunks of prompts samples the same."""
-  tools.validate()
+  `max_calls` tool results. Row i of a round draws with fold_in(round key, first_row * G + i), so generating a
+  batch in chunks of prompts samples the same."""
+  index, tools = tool.index, tool.settings
   max_new, chunk = sampling.max_new_tokens, tools.chunk_tokens
-  reserve = max_new + tools.max_calls * (bucket_length(tools.result_tokens, minimum=1) + chunk) + chunk
-  prefix = sampler.prefill(params, batch, reserve)
+  prefix = sampler.prefill(params, batch, cache_reserve(max_new, tools))
   prompts = prefix.key_valid.shape[0]
   if num_samples > 1:
     prefix = prefix.take(jnp.repeat(jnp.arange(prompts), num_samples))
