@@ -39,8 +39,8 @@ from safework.rl.logprobs import bucketed_widths
 from safework.rl.objectives import CrossEntropyObjective, PolicyGradientObjective, make_logprob_fn
 from safework.rl.optim import make_optimizer
 from safework.sampling import Sampler, SamplingSettings
-from safework.sampling.sampler import filled_floor
-from safework.sampling.sampler import bucket_length
+from safework.sampling.sampler import bucket_length, filled_floor
+from safework.tools.generate import cache_reserve
 from safework.training.state import abstract_state
 from safework.training.step import make_train_step
 from safework.verifiers.model_verifier import IMAGE_BUCKETS, JudgePixels, ModelVerifier
@@ -244,7 +244,11 @@ class StagePrograms:
     gen_arrays = synthetic_prompts(cfg, gen_prompt)
     sampler = Sampler(self.model, mesh=self.mesh, rules=self.rules, compaction_levels=r.compaction_levels)
     prepared, _ = _vision_inputs(cfg, gen_arrays, self._vision_shards)
-    capacity = prompt.length + r.max_new_tokens
+    # With tools, decoding runs chunk by chunk over a cache that holds the results too, and results are appended.
+    tools = stage.tools
+    capacity = prompt.length + (cache_reserve(r.max_new_tokens, tools) if tools else r.max_new_tokens)
+    decoded = tools.chunk_tokens if tools else r.max_new_tokens   # tokens one decode call draws
+    response = stage.response_length
     prefill_args = (sampled, self._host(gen_arrays["input_ids"]), self._host(gen_arrays["attention_mask"]),
                     self._host(gen_arrays.get("pixel_values")), None, self._host(prepared))
     prefill_work = (costs.decoder_pass(cfg, chunk * prompt.length, costs.causal_pairs(chunk, prompt.length), chunk,
@@ -257,37 +261,53 @@ class StagePrograms:
     prefix = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), prefix,
                           sampler.prefix_shardings(prefix))
     eos = cfg.eos_token_id
-    settings = SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+    settings = SamplingSettings(max_new_tokens=decoded, temperature=r.temperature, top_p=r.top_p,
                                 top_k=r.top_k, eos_ids=tuple(eos) if isinstance(eos, tuple) else (eos or 0,),
                                 vocab_limit=cfg.text.vocab_size).validate()
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
     decode_work = costs.decode_loop(cfg, chunk * r.samples_per_prompt, prompt.length, r.max_new_tokens,
                                     sampled_bytes, jnp.dtype(sampler.cache_dtype).itemsize) * chunks
+    if tools:   # the decode program runs on the prefix repeated to G rows per prompt
+      prefix = jax.eval_shape(lambda p: p.take(jnp.repeat(jnp.arange(chunk), r.samples_per_prompt)), prefix)
+      prefix = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), prefix,
+                            sampler.prefix_shardings(prefix))
     first_row = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
-    programs.append(Program("decode", sampler.jitted_decode(r.samples_per_prompt), (sampled, prefix, key, first_row),
+    samples = 1 if tools else r.samples_per_prompt
+    programs.append(Program("decode", sampler.jitted_decode(samples), (sampled, prefix, key, first_row),
                             ("sampling params", "prompt cache", "rng", "first row"),
                             knob + " or rollout.max_new_tokens", decode_work,
-                            static={"settings": settings, "num_samples": r.samples_per_prompt,
-                                    "compact": r.compaction_levels > 0, "filled": filled_floor(prompt.length)},
+                            static={"settings": settings, "num_samples": samples,
+                                    "compact": r.compaction_levels > 0 and not tools,
+                                    "filled": filled_floor(prompt.length)},
                             resident=generating))
+    if tools:   # a block of results appended to every row's cache
+      block = bucket_length(tools.result_tokens, minimum=1)
+      shape = (chunk * r.samples_per_prompt, block)
+      results = self._host((np.zeros(shape, np.int32), np.zeros(shape, bool)))
+      programs.append(Program("extend", sampler.jitted_extend, (sampled, prefix, *results),
+                              ("sampling params", "rows' cache", "result tokens", "result mask"),
+                              "tools.result_tokens or rollout.generation_prompts",
+                              costs.decoder_pass(cfg, math.prod(shape), math.prod(shape) * capacity, 0,
+                                                 sampled_bytes)
+                              * tools.max_calls * chunks, resident=generating))
 
-    rows, micro, length = r.rows, train.micro_batch_size or r.minibatch_size, prompt.length + r.max_new_tokens
+    rows, micro, length = r.rows, train.micro_batch_size or r.minibatch_size, prompt.length + response
     logprob_fn = jax.jit(make_logprob_fn(self.model, rows // micro, train.logprob_chunk, settings.vocab_limit,
-                                         r.response_widths))
-    logprob_work = costs.decoder_pass(cfg, rows * length, costs.causal_pairs(rows, length), rows * r.max_new_tokens,
+                                         r.widths(response)))
+    logprob_work = costs.decoder_pass(cfg, rows * length, costs.causal_pairs(rows, length), rows * response,
                                       self.weight_bytes)
-    programs.append(Program("logprobs", logprob_fn, (self.params, sequence_struct(rows, prompt.length,
-                                                                                  r.max_new_tokens,
+    programs.append(Program("logprobs", logprob_fn, (self.params, sequence_struct(rows, prompt.length, response,
                                                                                   self._batch_sharding),
                                                       _features_struct(self.model, arrays, self.replicated)),
                             ("policy params", "rollout rows", "vision features"),
                             "train.micro_batch_size or train.logprob_chunk", logprob_work, resident=resident))
     objective = PolicyGradientObjective(model=self.model, logprob_chunk=train.logprob_chunk,
                                         vision_trainable=stage.optim.vision_trainable,
-                                        vocab_limit=settings.vocab_limit, loss=loss, response_widths=r.response_widths)
+                                        vocab_limit=settings.vocab_limit, loss=loss,
+                                        response_widths=r.widths(response))
     during_training = {k: v for k, v in resident.items() if k != "optimizer state"}   # the step holds it
     programs.append(self._train_step(objective, stage.optim, stage.total_steps, r.minibatch_size, micro, prompt,
-                                     r.max_new_tokens, train.max_update_ratio, during_training))
+                                     response, train.max_update_ratio, during_training))
     policy = {**resident, "policy params": bytes_per_device(self.params)}
     programs += [self._judge(j, judge_params[j.weights], policy) for j in judges]
     return programs
