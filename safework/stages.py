@@ -30,10 +30,9 @@ from safework.rewards.base import RewardFunction
 from safework.rl.losses import LossSettings
 from safework.rl.optim import OptimSettings, check_prefixes
 from safework.rewards.constraint import ConstraintSettings
-from safework.rl.rollout import RolloutSettings, ToolUse
+from safework.rl.rollout import RolloutSettings
 from safework.tools.calls import ToolSettings
-from safework.tools.corpus import SearchIndex
-from safework.tools.generate import response_width
+from safework.tools.generate import ToolUse, response_width
 from safework.rl.trainer import RLTrainer
 from safework.sft import SFTSettings, SFTTrainer, Trace
 from safework.training import TrainSettings
@@ -83,6 +82,7 @@ Stage = RLStage | SFTStage
 class StageData(Protocol):
   """Where a stage's rows come from: the user's files, a built-in task, or the tiny suite."""
   reward: RewardFunction | None   # a task's own reward, used when the stage configures none
+  search_corpus: str | None       # documents it brings for the search tool, used when tools.corpus is empty
 
   def corpus(self) -> Sequence[str]:
     """Text to train a tokenizer on, for a preset from scratch (empty: the policy must bring its tokenizer)."""
@@ -113,8 +113,6 @@ def parse_stage(section: Mapping[str, Any], extra_scorers: Sequence[str] = (), t
                     train=settings(TrainSettings, get("train")))
   reward = reward_spec(section["reward"], tuple(extra_scorers)) if "reward" in section else None
   tools = settings(ToolSettings, section["tools"]) if "tools" in section else None
-  if tools is not None and not tools.corpus:
-    raise ValueError("the tools section needs tools.corpus: a JSONL of {\"id\", \"title\", \"text\"} documents")
   constraint = settings(ConstraintSettings, section["constraint"]) if "constraint" in section else None
   if constraint is not None and reward is not None and constraint.correctness not in reward.components:
     raise ValueError(f"the constraint reads correctness from reward component {constraint.correctness!r}, which "
@@ -142,15 +140,21 @@ def run_stage(stage: Stage, *, policy: PolicySettings, data: StageData, seed: in
     model = policy_model(policy)
     check_prefixes(abstract_params(model), stage.optim.freeze_prefixes)
     if isinstance(stage, RLStage):
-      needed = stage.rollout.max_prompt_length + stage.rollout.max_new_tokens
+      needed = stage.rollout.max_prompt_length + stage.response_length
       if needed > model.config.text.max_position_embeddings:
-        raise ValueError(f"max_prompt_length + max_new_tokens = {needed} exceed the policy's "
+        raise ValueError(f"max_prompt_length + the response's {stage.response_length} columns (max_new_tokens, and "
+                         f"with tools the results) = {needed} exceed the policy's "
                          f"{model.config.text.max_position_embeddings} positions; lower them")
       if stage.reward is None and data.reward is None:
         raise ValueError("this RL stage has no reward section and its data brings no reward of its own")
+      tools = None
+      if stage.tools is not None:
+        corpus = stage.tools.corpus or data.search_corpus
+        if not corpus:
+          raise ValueError("the tools section needs tools.corpus (a JSONL of {\"id\", \"title\", \"text\"} "
+                           "documents; corpus=PATH in the experiment argument): this stage's data brings none")
+        tools = ToolUse.build(dataclasses.replace(stage.tools, corpus=str(corpus)), workdir / "search_index")
       prompts = data.prompts(stage.reward.labels if stage.reward else (), processor, stage.rollout.max_prompt_length)
-      tools = None if stage.tools is None else ToolUse(stage.tools, SearchIndex.build(stage.tools.corpus,
-                                                                                      workdir / "search_index"))
       reward = build_reward(stage.reward, mesh, rules, extra_scorers) if stage.reward else data.reward
       params = policy_params(policy, model, mesh, rules, seed)
       params = RLTrainer(model=model, params=params, processor=processor, prompts=prompts, reward_fn=reward,
@@ -202,6 +206,7 @@ def check_labels_present(labels: Sequence[str], counts: Mapping[str, int], where
 class UserData:
   """The user's files (`data=DIR`: train/validation/test .jsonl or .csv), built once into `<workdir>/data`."""
   reward = None
+  search_corpus = None
 
   def __init__(self, manual_dir: str | None, split: str, workdir: str | Path):
     if not manual_dir:

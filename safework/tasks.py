@@ -17,6 +17,7 @@ class TaskData:
   reward: RewardFunction
   corpus: Callable[[], Sequence[str]]            # text for a tokenizer trained from scratch
   seed: int = 0
+  search_corpus: str | None = None               # no documents for a search tool
 
   def prompts(self, labels, processor, max_length) -> Sequence[Example]:
     rows = self.examples(self.seed)
