@@ -1,5 +1,6 @@
-"""The run report: `report.json` (machine-readable), `report.md` with two plots (the AI-45° trajectory and the
-reward curves per component) for people."""
+"""The run report: `report.json` (machine-readable), `report.md` with plots (the AI-45° trajectory, the reward
+curves per component, and where the test split asks search questions, accuracy and calibration with the search
+tool per checkpoint) for people."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+SEARCH_METRICS = ("search_accuracy", "false_certain_rate", "ece", "searches_per_answer")
 
 
 def _finite(value) -> bool:
@@ -79,13 +83,28 @@ def plot_rewards(curves: dict[str, list[dict]], path: Path) -> None:
   plt.close(fig)
 
 
+def plot_search(checkpoints: Sequence[dict], path: Path) -> None:
+  """Search accuracy, false-certain rate, ECE and tool calls per answer of each checkpoint, in training order."""
+  rows = [c for c in checkpoints if not c.get("intervention") and "search_accuracy" in c]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  x = range(len(rows))
+  for i, metric in enumerate(SEARCH_METRICS):
+    ax.plot(x, [c[metric] for c in rows], "-o", color=f"C{i}", label=metric.replace("_", " "))
+  ax.set_xticks(list(x), [c["stage"] for c in rows], rotation=20, fontsize=8)
+  ax.set(ylabel="rate (calls per answer for searches)", title="Search questions, with the search tool at hand")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def write_report(workdir: str | Path, checkpoints: Sequence[dict], curves: dict[str, list[dict]]) -> Path:
   workdir = Path(workdir)
   (workdir / "report.json").write_text(json.dumps({"checkpoints": list(checkpoints)}, indent=2) + "\n")
   plot_ai45(checkpoints, workdir / "ai45.png")
   plot_rewards(curves, workdir / "rewards.png")
   keys = [k for k in ("capability", "safety", "value", "format", "response_tokens") if k in checkpoints[0]]
-  keys += [k for k in ("generated_tokens", "seconds_per_answer") if any(k in c for c in checkpoints)]
+  keys += [k for k in ("generated_tokens", "seconds_per_answer", *SEARCH_METRICS) if any(k in c for c in checkpoints)]
   lines = ["# SafeLadder run report", "", "| stage | step | " + " | ".join(keys) + " |",
            "|---|---|" + "---|" * len(keys)]
   for c in checkpoints:
@@ -97,5 +116,8 @@ def write_report(workdir: str | Path, checkpoints: Sequence[dict], curves: dict[
     for c in checkpoints:
       lines.append(f"| {_name(c)} | " + " | ".join(f"{c.get(t, float('nan')):.2f}" for t in tasks) + " |")
   lines += ["", "![AI-45° trajectory](ai45.png)", "", "![Reward components](rewards.png)", ""]
+  if any("search_accuracy" in c for c in checkpoints):
+    plot_search(checkpoints, workdir / "search.png")
+    lines += ["![Search accuracy and calibration](search.png)", ""]
   (workdir / "report.md").write_text("\n".join(lines))
   return workdir / "report.json"
