@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  for stage in sft m3rl_kg m3rl_svkg efficient_rl; do for v in 3b 7b 32b 72b; do targets+=("$stage:$v"); done; done
+  for stage in sft m3rl_kg m3rl_svkg efficient_rl deliberative_search; do for v in 3b 7b 32b 72b; do targets+=("$stage:$v"); done; done
 fi
 mkdir -p benchmarks/plans
 for target in "${targets[@]}"; do

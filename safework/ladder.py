@@ -20,9 +20,9 @@ import ml_collections
 
 from safework import distributed, sharding
 from safework.data import tiny_suite
-from safework.data.tiny_builder import SuiteData, TinySuiteConfig, build, example_of
+from safework.data.tiny_builder import SuiteData, TinySuiteConfig, build, example_of, write_search_corpus
 from safework.data.user_builders import Judgments, decode, prepare
-from safework.evaluation import EvalSettings, eval_sampling, evaluate
+from safework.evaluation import SEARCH_LABELS, EvalSettings, eval_sampling, evaluate
 from safework.experiment import settings
 from safework.intervention.search import StepSearch
 from safework.intervention.settings import SearchSettings
@@ -31,7 +31,9 @@ from safework.policy import PolicySettings, load_processor, policy_model, policy
 from safework.processing import Processor
 from safework.report import write_report
 from safework.sampling import Sampler
-from safework.stages import Stage, parse_stage, run_stage
+from safework.stages import RLStage, Stage, parse_stage, run_stage
+from safework.tools.calls import ToolSettings
+from safework.tools.generate import ToolUse
 from safework.training import read_metrics
 from safework.verifiers.judges import JUDGES
 from safework.verifiers.model_verifier import ModelVerifier
@@ -112,6 +114,9 @@ class Ladder:
   eval: EvalSettings
   intervention: SearchSettings | None = None   # the step search the checkpoints of `intervention_stages` are
   intervention_stages: tuple[str, ...] = ()    # evaluated with a second time
+  # The search tool of the ladder's deliberative-search stage: at hand in every checkpoint's evaluation, so each
+  # is measured on the search questions under the same conditions (empty corpus: the suite's).
+  tools: ToolSettings | None = None
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Ladder":
@@ -127,15 +132,17 @@ class Ladder:
     if intervention is not None and intervention.verifiers - set(judges):
       raise ValueError(f"the intervention's recipes use verifiers {sorted(intervention.verifiers - set(judges))}; "
                        f"the ladder trains {sorted(judges)} (config.verifiers)")
+    stages = {n: parse_stage(config.stages[n], extra_scorers=tuple(judges)) for n in config.stage_order}
+    tools = [s.tools for s in stages.values() if isinstance(s, RLStage) and s.tools is not None]
     return cls(seed=config.seed, mesh=dict(config.mesh), rules=sharding.rules_of(config.sharding_rules),
                policy=settings(PolicySettings, config.model), data_sizes=config.data.to_dict(), judges=judges,
-               stages={n: parse_stage(config.stages[n], extra_scorers=tuple(judges)) for n in config.stage_order},
-               eval=settings(EvalSettings, config.eval), intervention=intervention,
-               intervention_stages=intervention_stages)
+               stages=stages, eval=settings(EvalSettings, config.eval), intervention=intervention,
+               intervention_stages=intervention_stages, tools=tools[0] if tools else None)
 
   def evaluate_intervened(self, name: str, out: Path, mesh, test, verifiers) -> dict:
     """The stage's policy evaluated with the step search guided by the ladder's judges (once; kept in
-    `eval_<mode>.json`)."""
+    `eval_<mode>.json`). The search calls no tool, so the search questions are left out."""
+    test = [e for e in test if e.label not in SEARCH_LABELS]
     mode = self.intervention.mode
     path = out / f"eval_{mode}.json"
     if not path.is_file():
@@ -163,7 +170,11 @@ class Ladder:
     sizes = self.data_sizes
     name = f"seed{self.seed}_" + "_".join(f"{k}{v}" for k, v in sorted(sizes.items()))   # new sizes, new dataset
     sources = build(workdir / "data" / "tfds", TinySuiteConfig(name=name, seed=self.seed, **sizes)).as_data_source()
-    data = SuiteData(sources, self.seed)
+    data = SuiteData(sources, self.seed, write_search_corpus(workdir / "data", self.seed, "train"))
+    # Evaluation reads the test split's edition of the corpus (its facts differ from the training editions').
+    tools = None if self.tools is None else ToolUse.build(dataclasses.replace(
+        self.tools, corpus=self.tools.corpus or str(write_search_corpus(workdir / "data", self.seed, "test"))),
+        workdir / "search_index")
     test = [example_of(row)[0] for row in sources["test"]]
     processor = load_processor(self.policy, workdir, data.corpus())
     verifiers = train_verifiers(self.judges, self.seed, workdir, processor, mesh, self.rules)
@@ -176,14 +187,15 @@ class Ladder:
         trained = run_stage(stage, policy=policy, data=data, seed=self.seed, workdir=out, mesh=mesh, rules=self.rules,
                             processor=None if previous else processor, extra_scorers=verifiers)
         with jax.set_mesh(mesh):
-          scores = evaluate(trained.model, trained.params, trained.processor, test, self.eval, mesh)
+          scores = evaluate(trained.model, trained.params, trained.processor, test, self.eval, mesh, tools=tools)
         if distributed.is_main():
           (out / "eval.json").write_text(json.dumps({"stage": name, "step": stage.total_steps, **scores}, indent=2))
         distributed.wait_for_all()
       result = json.loads((out / "eval.json").read_text())
-      log.info("stage %s: capability %.3f, safety %.3f, value %.3f, %.1f response tokens (%.0f s)", name,
-               result["capability"], result["safety"], result["value"], result["response_tokens"],
-               time.perf_counter() - start)
+      log.info("stage %s: capability %.3f, safety %.3f, value %.3f, search %.3f (false-certain %.3f), %.1f "
+               "response tokens (%.0f s)", name, result["capability"], result["safety"], result["value"],
+               result.get("search_accuracy", float("nan")), result.get("false_certain_rate", float("nan")),
+               result["response_tokens"], time.perf_counter() - start)
       checkpoints.append(result)
       if name in self.intervention_stages:
         checkpoints.append(self.evaluate_intervened(name, out, mesh, test, verifiers))

@@ -2,6 +2,7 @@
 rows fail with the file and line."""
 
 import json
+import re
 
 import numpy as np
 import PIL.Image
@@ -10,8 +11,11 @@ import pytest
 from safework.data import tiny_suite
 from safework.data.jsonl import DataError
 from safework.data.example import Rows
-from safework.data.tiny_builder import SuiteData, TinySuiteConfig, build, example_of
+from safework.data.tiny_builder import SuiteData, TinySuiteConfig, build, example_of, write_search_corpus
 from safework.data.user_builders import UserPrompts, prepare, user_example
+from safework.tools.calls import ToolSettings, run_call
+from safework.tools.corpus import read_corpus
+from safework.tools.generate import ToolUse
 
 SIZES = dict(sft=20, train=30, validation=5, test=10)
 
@@ -33,14 +37,15 @@ def test_tiny_suite_is_deterministic_and_round_trips(tmp_path):
   assert _records(first["test"]) == generated
   images = [e.images[0] for e, _ in map(example_of, first["train"]) if e.images]
   assert images and all(im.dtype == np.uint8 and im.shape == (56, 56, 3) for im in images)
-  safety = SuiteData(first, seed=3).prompts(("safety",), processor=None, max_length=0)
+  safety = SuiteData(first, seed=3, search_corpus=tmp_path / "corpus.jsonl").prompts(("safety",), processor=None,
+                                                                                     max_length=0)
   assert len(safety) and all(safety[i].label == "safety" for i in range(len(safety)))
 
 
 def test_suite_covers_the_task_families():
   examples = [e for e, _ in tiny_suite.generate("train", 400, 0)]
   tasks = {e.meta["task"] for e in examples}
-  assert tasks == {"arithmetic", "colour", "shape", "fact", "harmful", "typographic", "benign", "value"}
+  assert tasks == {"arithmetic", "colour", "shape", "fact", "harmful", "typographic", "benign", "value", "search"}
   categories = {e.meta["category"] for e in examples if e.meta["task"] == "harmful"}
   assert categories == set(tiny_suite.HARMFUL)
   traces = tiny_suite.sft_traces(600, 0)
@@ -62,6 +67,45 @@ def test_sft_traces_are_imperfect_where_the_rl_stages_fix_them():
   judgments = tiny_suite.judgments(0, 40)
   assert {r["verdict"] for r in judgments["safety"]} == {"B", "C", "D", "E"}
   assert {r["verdict"] for r in judgments["value"]} == {"good", "bad"}
+
+
+def test_search_questions_need_the_corpus_and_the_traces_show_what_the_tool_returns(tmp_path):
+  """Every split asks the same questions, but answers from its own edition of the corpus, where every fact has
+  another value (a cold-start trace from an edition of its own): remembering does not answer, reading does. A trace
+  that searches shows what the real tool (BM25 over the edition) returns for its query; most cold-start traces
+  guess, most guesses claim confidence 0.9."""
+  for town in tiny_suite.towns(0):
+    assert all(train != test for train, test in town.values())
+  rows = lambda split, sft=False: [(e, t) for e, t in tiny_suite.generate(split, 1500, 0, sft) if e.label == "search"]
+  questions = lambda split: {e.question for e, _ in rows(split)}
+  assert questions("train") == questions("test") == {q.format(town=t) for q in tiny_suite.TOWN_QUESTIONS.values()
+                                                     for t in tiny_suite.TOWNS}
+  for split in ("train", "test"):
+    number = tiny_suite.EDITIONS[split]
+    tool = ToolUse.build(ToolSettings(corpus=str(write_search_corpus(tmp_path, 0, split)),
+                                      results=tiny_suite.SEARCH_RESULTS), tmp_path / split)
+    assert len(tool.index.documents) == len(tiny_suite.TOWNS)
+    for example, trace in rows(split):
+      town = tiny_suite.TOWNS.index(example.meta["town"])
+      assert example.answer == tiny_suite.towns(0)[town][example.meta["fact"]][number]
+      query, shown = re.search(r"<search>(.*?)</search><result>(.*?)</result>", trace).groups()
+      assert shown == run_call(tool.index, "search", query, tool.settings)
+      assert f" {example.answer}" in shown and trace.endswith(f"\\boxed{{{example.answer}}} <confidence>0.9</confidence>")
+  traces = rows("train", sft=True)
+  answers = set()
+  for example, trace in traces:
+    if "<search>" in trace:
+      query, shown = re.search(r"<search>(.*?)</search><result>(.*?)</result>", trace).groups()
+      assert query.strip() == example.meta["town"] and shown.startswith(f"[{query.strip().lower()}] {query.strip()}:")
+      stated = "flag is" if example.meta["fact"] == "colour" else "sign is a"
+      assert f"{stated} {example.answer}" in shown
+      assert trace.endswith(f"\\boxed{{{example.answer}}} <confidence>0.9</confidence>")
+      answers.add((example.question, example.answer))
+  assert len(answers) > 2 * len({q for q, _ in answers})   # a question's answer changes from trace to trace
+  assert abs(np.mean(["<search>" in t for _, t in traces]) - tiny_suite.SFT_SEARCH_RATE) < 0.08
+  confident = np.mean(["<confidence>0.9</confidence>" in t for _, t in traces if "<search>" not in t])
+  assert abs(confident - tiny_suite.SFT_CONFIDENT_GUESS_RATE) < 0.1
+  assert all("<search>" in t for _, t in rows("train"))
 
 
 def _write_image(path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments import common, efficient_rl, m3rl_kg, m3rl_svkg, sft, tiny_safeladder, toy_rl
+from experiments import common, deliberative_search, efficient_rl, m3rl_kg, m3rl_svkg, sft, tiny_safeladder, toy_rl
 from safework.experiment import parse_arg, section, settings
 from safework.ladder import Ladder
 from safework.policy import PolicySettings
@@ -11,7 +11,8 @@ from safework.rl.rollout import RolloutSettings
 from safework.stages import RLStage, SFTStage, parse_stage
 from safework.training import TrainSettings
 
-STAGES = {"sft": sft, "m3rl_kg": m3rl_kg, "m3rl_svkg": m3rl_svkg, "efficient_rl": efficient_rl}
+STAGES = {"sft": sft, "m3rl_kg": m3rl_kg, "m3rl_svkg": m3rl_svkg, "efficient_rl": efficient_rl,
+          "deliberative_search": deliberative_search}
 JUDGES = ("safety", "value")   # the tiny ladder's trained judges, scorers of its svkg stages
 
 
@@ -57,9 +58,25 @@ def test_large_variants_carry_the_papers_hyperparameters(variant):
 @pytest.mark.parametrize("runlocal", [False, True])
 def test_tiny_ladder_and_toy_configs(runlocal):
   ladder = Ladder.from_config(tiny_safeladder.get_config("runlocal" if runlocal else None))
-  assert list(ladder.stages) == ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"]
+  assert list(ladder.stages) == ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl", "deliberative_search"]
+  search = ladder.stages["deliberative_search"]
+  # The suite's corpus (the ladder writes it), searched by every checkpoint's evaluation as by the stage.
+  assert ladder.tools == search.tools and search.tools.corpus == "" and search.reward.labels == ("search",)
+  assert search.response_length == search.rollout.max_new_tokens + search.tools.max_calls * search.tools.result_tokens
   toy = parse_stage(toy_rl.get_config("runlocal" if runlocal else None), top_level=True)
   assert toy.reward is None and toy.rollout.num_rollouts == (6 if runlocal else 20)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "7b"])
+def test_the_deliberative_search_stage_reads_its_corpus_and_constrains_its_correctness(variant):
+  stage = parse_stage(deliberative_search.get_config(f"variant={variant},corpus=/data/wiki.jsonl,data=/q"),
+                      top_level=True)
+  assert stage.tools.corpus == "/data/wiki.jsonl" and stage.constraint.correctness == "math_rule"
+  assert stage.reward.recipes["search"] == (("math_rule", 1.0), ("confidence_format", 0.25))
+  judged = parse_stage(deliberative_search.get_config(f"variant={variant},knowledge_verifier=/k"), top_level=True)
+  assert judged.constraint.correctness == "knowledge" and judged.reward.verifiers["knowledge"].path == "/k"
+  if variant != "tiny":
+    assert stage.tools.results == 3 and stage.rollout.max_new_tokens == 8192 and stage.loss.policy_loss == "cpgd"
 
 
 def test_sections_hold_every_setting_with_its_one_default():

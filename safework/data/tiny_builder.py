@@ -9,12 +9,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from safework import distributed
 from safework.data import tiny_suite
 from safework.data.example import Example, Rows
 from safework.data.user_builders import decode
@@ -66,12 +68,26 @@ def example_of(row: dict) -> tuple[Example, str]:
                   answer=row["answer"] or None, meta=json.loads(row["meta"])), row["trace"])
 
 
+def write_search_corpus(directory: str | Path, seed: int, split: str) -> Path:
+  """The edition of the suite's search corpus a split's answers come from, as a JSONL file in `directory` (written
+  once, whole or not at all)."""
+  path = Path(directory) / f"search_corpus_seed{seed}_edition{tiny_suite.EDITIONS[split]}.jsonl"
+  if distributed.is_main() and not path.is_file():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".partial")
+    staging.write_text("".join(json.dumps(d) + "\n" for d in tiny_suite.edition(seed, split)))
+    os.replace(staging, path)
+  distributed.wait_for_all()
+  return path
+
+
 class SuiteData:
-  """The tiny suite as a stage's data (`safework.stages.StageData`)."""
+  """The tiny suite as a stage's data (`safework.stages.StageData`), with the search corpus of its RL prompts (the
+  train split's edition)."""
   reward = None
 
-  def __init__(self, sources: dict, seed: int):
-    self.sources, self.seed = sources, seed
+  def __init__(self, sources: dict, seed: int, search_corpus: str | Path):
+    self.sources, self.seed, self.search_corpus = sources, seed, str(search_corpus)
 
   def corpus(self) -> Sequence[str]:
     return tiny_suite.corpus(self.seed)
