@@ -64,19 +64,22 @@ class Generations:
 def generate(model: Qwen25VL, params, processor: Processor, examples: Sequence[Example], settings: EvalSettings,
              mesh: jax.sharding.Mesh | None = None, search: StepSearch | None = None, progress: bool = True,
              rng: jax.Array | None = None, tools: ToolUse | None = None) -> Generations:
-  """Greedy responses, the step search's, or (with `tools`) greedy responses that may call the search tool, in
-  fixed-size batches (the last padded with repeats)."""
+  """Greedy responses, or the step search's, in fixed-size batches (the last padded with repeats). With `tools`, the
+  search questions are batched together and decoded with the tool at hand (chunk by chunk); the other batches in
+  one decode call, as without."""
   if search is not None and tools is not None:
     raise ValueError("the step search does not call tools: evaluate with one or the other")
   sampler = search.sampler if search is not None else Sampler(model, mesh=mesh)
   sampling = eval_sampling(model, processor.tokenizer, settings.max_new_tokens)
   rng = jax.random.key(0) if rng is None else rng
+  asks = lambda e: tools is not None and e.label in SEARCH_LABELS
+  order = sorted(range(len(examples)), key=lambda i: not asks(examples[i]))   # stable: the search questions first
   texts, lengths, generated, calls = [], [], [], []
   start_time = time.perf_counter()
   starts = range(0, len(examples), settings.batch_size)
   for start in tqdm.tqdm(starts, desc="eval" if search is None else f"eval ({search.settings.mode})",
                          dynamic_ncols=True, disable=not progress or jax.process_index() != 0):
-    chunk = list(examples[start:start + settings.batch_size])
+    chunk = [examples[i] for i in order[start:start + settings.batch_size]]
     rows = chunk + [chunk[0]] * (settings.batch_size - len(chunk))
     batch = PromptBatch.of(rows, processor, settings.max_prompt_length, settings.bucket_images).arrays()
     if search is not None:
@@ -85,7 +88,7 @@ def generate(model: Qwen25VL, params, processor: Processor, examples: Sequence[E
       lengths += [len(r.tokens) for r in results]
       generated += [r.generated_tokens for r in results]
       continue
-    if tools is not None:
+    if any(map(asks, chunk)):
       out = generate_with_tools(sampler, params, batch, jax.random.fold_in(rng, start), sampling, tools,
                                 processor.tokenizer)
       texts += decode_rows(processor.tokenizer, out.tokens, out.lengths)[:len(chunk)]
@@ -95,9 +98,11 @@ def generate(model: Qwen25VL, params, processor: Processor, examples: Sequence[E
     out = sampler.generate(params, batch, rng, sampling)
     texts += decode_rows(processor.tokenizer, out.tokens, out.lengths)[:len(chunk)]
     lengths += distributed.host_array(out.lengths)[:len(chunk)].tolist()
+    calls += [0] * len(chunk)
   generated = generated or lengths
-  return Generations(texts, np.asarray(lengths), np.asarray(generated), time.perf_counter() - start_time,
-                     np.asarray(calls) if tools is not None else None)
+  back = np.argsort(order)   # to the examples' order
+  return Generations([texts[i] for i in back], np.asarray(lengths)[back], np.asarray(generated)[back],
+                     time.perf_counter() - start_time, np.asarray(calls)[back] if tools is not None else None)
 
 
 def score(examples: Sequence[Example], responses: Sequence[str], lengths: np.ndarray, tool_calls: np.ndarray | None = None,

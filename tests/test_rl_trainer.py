@@ -17,6 +17,7 @@ from safework.data import toy_digits
 from safework.experiment import section
 from safework.rewards.constraint import ConstraintSettings
 from safework.rewards.base import Rewards
+from safework import stages
 from safework.stages import from_config
 from safework.tasks import get_task
 from safework.tools.calls import ToolSettings
@@ -118,6 +119,15 @@ def test_recomputed_old_logprobs_match_the_sampler_and_kl_can_go_in_the_reward(t
   # Before any update the trainer's recomputed log-probs are the sampler's own (fp32): mismatch ~ 0.
   assert first["sampler_mismatch_abs"] < 1e-4
   assert first["reward/with_kl_penalty"] == pytest.approx(first["reward/total"], abs=1e-4)   # ref == policy at start
+
+
+def test_a_tool_stage_without_a_corpus_is_named_before_any_weights_load(tmp_path, monkeypatch):
+  """The toy task brings no search corpus, so tools.corpus must name one; the error comes before any parameters."""
+  config = _config()
+  config.tools = section(ToolSettings, corpus="")
+  monkeypatch.setattr(stages, "policy_params", lambda *a, **k: pytest.fail("weights loaded before the check"))
+  with pytest.raises(ValueError, match=r"the tools section needs tools.corpus .*this stage's data brings none"):
+    _train(config, tmp_path)
 
 
 def test_deliberative_rl_with_the_tool_and_the_constraint_resumes_with_its_multiplier(tmp_path):

@@ -1,6 +1,8 @@
 """CoT-SFT: the rows it trains on, that it learns, that SIGTERM saves and the resume is exact, the job's checks."""
 
+import dataclasses
 import os
+import re
 import signal
 
 import jax
@@ -40,16 +42,22 @@ def _trainer(policy, workdir):
 
 
 def test_rows_hold_the_left_padded_prompt_and_the_trace_with_its_end_of_turn(policy):
+  """The loss covers the trace's own tokens and its end of turn; a tool's result is in the row, not in the loss."""
   model, _, processor, _ = policy
-  pairs = tiny_suite.sft_traces(4, 0)
-  batch, _ = sft_rows([e for e, _ in pairs], [t for _, t in pairs], processor, model.config, SETTINGS)
+  traces = tiny_suite.sft_traces(40, 0)
+  pairs = traces[:3] + [next(p for p in traces if "<result>" in p[1])]
+  settings = dataclasses.replace(SETTINGS, response_length=96)
+  batch, _ = sft_rows([e for e, _ in pairs], [t for _, t in pairs], processor, model.config, settings)
   tokenizer = processor.tokenizer
-  assert batch.input_ids.shape == (4, SETTINGS.prompt_length + SETTINGS.response_length)
+  assert batch.input_ids.shape == (4, settings.prompt_length + settings.response_length)
   for row, (_, trace) in enumerate(pairs):
-    response = np.asarray(batch.input_ids[row, SETTINGS.prompt_length:])
+    response = np.asarray(batch.input_ids[row, settings.prompt_length:])
     mask = np.asarray(batch.loss_mask[row]) > 0
-    assert tokenizer.decode(response[mask]) == trace + tokenizer.eos_token   # the loss covers exactly these
-    assert np.asarray(batch.attention_mask[row, :SETTINGS.prompt_length])[-1] == 1   # prompts are left-padded
+    present = np.asarray(batch.attention_mask[row, settings.prompt_length:]) > 0
+    own = re.sub(r"<result>.*?</result>", "", trace)
+    assert tokenizer.decode(response[mask]) == own + tokenizer.eos_token   # the loss covers exactly these
+    assert tokenizer.decode(response[present & ~mask]) == "".join(re.findall(r"<result>.*?</result>", trace))
+    assert np.asarray(batch.attention_mask[row, :settings.prompt_length])[-1] == 1   # prompts are left-padded
 
 
 def test_a_batch_comes_grouped_by_length_into_micro_batches(policy):
@@ -58,7 +66,8 @@ def test_a_batch_comes_grouped_by_length_into_micro_batches(policy):
   model, _, processor, mesh = policy
   source = TraceSource(tiny_suite.sft_traces(64, 0), processor, model.config, SETTINGS, 0, mesh,
                        sharding.DEFAULT_RULES, micro_batches=2)
-  lengths = np.asarray(source.batch(0, None).rows.loss_mask).sum(axis=1)
+  rows = source.batch(0, None).rows
+  lengths = np.asarray(rows.attention_mask)[:, -rows.response_length:].sum(axis=1)   # tool results included
   assert lengths[0::2].min() >= lengths[1::2].max() and lengths.min() < lengths.max(), lengths
 
 
