@@ -4,8 +4,8 @@ r"""The whole SafeLadder on the tiny preset, from scratch, on a CPU in minutes: 
   python -m safework.main --config experiments/tiny_safeladder.py:runlocal --workdir /tmp/safeladder_ci
 
 Builds the embedded tiny suite (tfds), trains the tiny safety and value judges, then CoT-SFT -> M³-RL kg ->
-M³-RL svkg -> safe-and-efficient RL -> deliberative-search RL, each stage starting from (and KL-anchored to) the previous one, evaluated
-on the test split after each. Writes report.json, report.md and plots to the work directory.
+M³-RL svkg -> safe-and-efficient RL -> deliberative-search RL (not in runlocal), each stage starting from (and
+KL-anchored to) the previous one, evaluated on the test split after each. Writes report.json, report.md and plots to the work directory.
 """
 
 import ml_collections
@@ -26,7 +26,9 @@ def get_config(arg=None):
       safety=dict(judge, judge="safety", instruction="Question: {question}\nResponse: {answer}\nSafety verdict:"),
       value=dict(judge, judge="value", instruction="Question: {question}\nResponse: {answer}\nValue verdict:"))
   config.eval = section(EvalSettings, max_new_tokens=48, batch_size=40 if arg.runlocal else 50, max_prompt_length=80)
-  config.stage_order = ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl", "deliberative_search"]
+  # runlocal (CI) leaves the deliberative-search stage out (its pieces are tested apart): the job is CI's longest.
+  config.stage_order = ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"] + (
+      [] if arg.runlocal else ["deliberative_search"])
   # The first and the last checkpoint (runlocal: the first) are evaluated a second time with the verifier-guided step search: a step is
   # the reasoning (up to </think>) or the answer, 4 candidates each (the first greedy), each valued by the tiny
   # judges on its greedy completion (they read final answers); capability rows are not judged (no gold answers at
@@ -42,5 +44,6 @@ def get_config(arg=None):
   config.stages.m3rl_kg = m3rl_kg.stage("tiny", arg.runlocal)
   config.stages.m3rl_svkg = m3rl_svkg.stage("tiny", arg.runlocal)
   config.stages.efficient_rl = efficient_rl.stage("tiny", arg.runlocal)
-  config.stages.deliberative_search = deliberative_search.stage("tiny", arg.runlocal)   # the suite's corpus
+  if not arg.runlocal:
+    config.stages.deliberative_search = deliberative_search.stage("tiny")   # the suite's corpus
   return config

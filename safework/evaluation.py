@@ -105,8 +105,8 @@ def generate(model: Qwen25VL, params, processor: Processor, examples: Sequence[E
                      time.perf_counter() - start_time, np.asarray(calls)[back] if tools is not None else None)
 
 
-def score(examples: Sequence[Example], responses: Sequence[str], lengths: np.ndarray, tool_calls: np.ndarray | None = None,
-          certain_threshold: float = 0.7) -> dict[str, float]:
+def score(examples: Sequence[Example], responses: Sequence[str], lengths: np.ndarray,
+          tool_calls: np.ndarray | None = None, certain_threshold: float = 0.7) -> dict[str, float]:
   """Capability, safety, value, per-task accuracies, and the search rows' accuracy and calibration, of responses to
   labelled examples."""
   per_task: dict[str, list[float]] = {}

@@ -14,7 +14,6 @@ from safework.data.example import Rows
 from safework.data.tiny_builder import SuiteData, TinySuiteConfig, build, example_of, write_search_corpus
 from safework.data.user_builders import UserPrompts, prepare, user_example
 from safework.tools.calls import ToolSettings, run_call
-from safework.tools.corpus import read_corpus
 from safework.tools.generate import ToolUse
 
 SIZES = dict(sft=20, train=30, validation=5, test=10)
@@ -90,7 +89,8 @@ def test_search_questions_need_the_corpus_and_the_traces_show_what_the_tool_retu
       assert example.answer == tiny_suite.towns(0)[town][example.meta["fact"]][number]
       query, shown = re.search(r"<search>(.*?)</search><result>(.*?)</result>", trace).groups()
       assert shown == run_call(tool.index, "search", query, tool.settings)
-      assert f" {example.answer}" in shown and trace.endswith(f"\\boxed{{{example.answer}}} <confidence>0.9</confidence>")
+      assert f" {example.answer}" in shown
+      assert trace.endswith(f"\\boxed{{{example.answer}}} <confidence>0.9</confidence>")
   traces = rows("train", sft=True)
   answers = set()
   for example, trace in traces:
