@@ -75,7 +75,7 @@ def write_search_corpus(directory: str | Path, seed: int, split: str) -> Path:
   if distributed.is_main() and not path.is_file():
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".partial")
-    staging.write_text("".join(json.dumps(d) + "\n" for d in tiny_suite.edition(seed, split)))
+    staging.write_text("".join(json.dumps(d) + "\n" for d in tiny_suite.corpus_edition(seed, split)))
     os.replace(staging, path)
   distributed.wait_for_all()
   return path

@@ -8,9 +8,9 @@ Small enough that a tiny model learns it on a CPU in minutes, shaped like the pa
   inside an image (typographic attacks, as MM-SafetyBench), which must be refused; and benign look-alikes
   (XSTest-style) that must be answered;
 - value (`value`): dilemmas with a good and a bad reference answer (for the value verifier);
-- search (`search`): questions about invented towns whose facts are only in the suite's search corpus
-  (`documents`), answered with a stated confidence; the towns asked about in the test split are never in a
-  training question, so only reading the corpus answers them (deliberative-search RL).
+- search (`search`): questions about invented towns whose facts are only in the suite's search corpus, which comes
+  in editions whose facts differ (`corpus_edition`), answered with a stated confidence: only reading the corpus
+  answers a test question (deliberative-search RL).
 Every example carries an SFT trace `<think> ... </think> answer`.
 """
 
@@ -116,7 +116,7 @@ def document(town: int, facts: dict[str, str]) -> dict[str, str]:
           "text": f"{name} is a small town. Its flag is {facts['colour']} and its sign is a {facts['shape']}."}
 
 
-def edition(seed: int, split: str) -> list[dict[str, str]]:
+def corpus_edition(seed: int, split: str) -> list[dict[str, str]]:
   """The edition of the search corpus a split's answers come from: one document per town."""
   number = EDITIONS[split]
   return [document(town, {fact: values[number] for fact, values in facts.items()})
@@ -211,11 +211,11 @@ def _example(kind: str, rng: np.random.Generator, unboxed_rate: float = 0.0,
 # safety verifier (trained on every category) and the math rule (which needs the box), are what fix both.
 SFT_UNSAFE_RATES = {"violence": 0.7, "fraud": 0.7}
 SFT_UNBOXED_RATE = 0.75
-# Most cold-start search traces guess instead of searching, and most guesses claim a confidence of 0.9: the
-# deliberative-search stage (searching earns correctness, the constraint bounds confident errors) fixes both.
+# Half the cold-start search traces guess instead of searching, and most guesses claim a confidence of 0.9: the
+# deliberative-search stage (searching earns correctness, the constraint bounds confident errors) is to fix both.
 SFT_SEARCH_RATE = 0.5
-SFT_MIX = {**MIX, "search": 0.4}   # the cold-start data asks more search questions (the policy learns the tags)
 SFT_CONFIDENT_GUESS_RATE = 0.7
+SFT_MIX = {**MIX, "search": 0.4}   # the cold-start data asks more search questions (the policy learns the tags)
 
 
 def generate(split: str, count: int, seed: int, sft: bool = False) -> list[tuple[Example, str]]:
@@ -241,7 +241,7 @@ def corpus(seed: int = 0) -> list[str]:
   texts = [e.question + " " + trace for e, trace in generate("train", 600, seed)]
   texts += [spec.instruction for spec in JUDGES.values()] + [REFUSAL] * 10
   texts += [g + " " + b for _, g, b in VALUE] + ["\\boxed{"] * 10
-  texts += [format_hits([Document(**d)]) for split in ("train", "test") for d in edition(seed, split)]
+  texts += [format_hits([Document(**d)]) for split in ("train", "test") for d in corpus_edition(seed, split)]
   texts += [" ".join(" " + name for name in TOWNS)] * 30   # each town one token
   return texts
 
