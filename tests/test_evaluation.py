@@ -52,3 +52,29 @@ def test_the_report_shows_the_search_metrics_of_every_checkpoint(tmp_path):
   assert row in report
   assert (tmp_path / "search.png").stat().st_size > 0 and "search.png" in report
   assert json.loads((tmp_path / "report.json").read_text())["checkpoints"][1]["search_accuracy"] == 0.7
+
+
+def test_with_the_tool_at_hand_the_search_questions_are_batched_apart_and_answers_keep_their_order(chat_checkpoint,
+                                                                                                  tmp_path):
+  """One example per batch, so batching cannot change a greedy answer: with the tool at hand (a policy that calls
+  none) every answer equals the plain one, in the examples' order, and calls are counted for every row."""
+  from safework.evaluation import EvalSettings, generate
+  from safework.models import from_pretrained
+  from safework.processing import Processor
+  from safework.tools.calls import ToolSettings
+  from safework.tools.generate import ToolUse
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text(json.dumps({"id": "zor", "title": "Zor", "text": "The flag of Zor is red."}) + "\n")
+  model, params = from_pretrained(chat_checkpoint)
+  processor = Processor.from_pretrained(chat_checkpoint)
+  examples = [Example("a cat", label="general_rule", answer="1"), _search("2"),
+              Example("describe the picture", label="safety", meta={"harmful": False}),
+              Example("what colour is the flag of Zor?", label="search", answer="red", meta={"task": "search"}),
+              Example("what colour is the square?", label="general_rule", answer="5")]
+  settings = EvalSettings(max_new_tokens=6, batch_size=1, max_prompt_length=160)
+  tool = ToolUse.build(ToolSettings(corpus=str(corpus), results=1, result_tokens=16, chunk_tokens=8),
+                       tmp_path / "index")
+  plain = generate(model, params, processor, examples, settings, progress=False)
+  with_tool = generate(model, params, processor, examples, settings, progress=False, tools=tool)
+  assert with_tool.responses == plain.responses and list(with_tool.lengths) == list(plain.lengths)
+  assert list(with_tool.tool_calls) == [0] * 5 and plain.tool_calls is None
