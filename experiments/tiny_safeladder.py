@@ -5,7 +5,8 @@ r"""The whole SafeLadder on the tiny preset, from scratch, on a CPU in minutes: 
 
 Builds the embedded tiny suite (tfds), trains the tiny safety and value judges, then CoT-SFT -> M³-RL kg ->
 M³-RL svkg -> safe-and-efficient RL -> deliberative-search RL (not in runlocal), each stage starting from (and
-KL-anchored to) the previous one, evaluated on the test split after each. Writes report.json, report.md and plots to the work directory.
+KL-anchored to) the previous one, evaluated on the test split after each. Writes report.json, report.md and plots
+to the work directory.
 """
 
 import ml_collections
