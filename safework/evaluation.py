@@ -26,7 +26,7 @@ from safework.models.qwen2_5_vl import Qwen25VL
 from safework.processing import Processor
 from safework.sampling import PromptBatch, Sampler, SamplingSettings
 from safework.sampling.text import decode_rows
-from safework.tools.generate import ToolUse, generate_with_tools
+from safework.tools.generate import ToolUse, example_documents, generate_with_tools
 from safework.verifiers import rules
 from safework.verifiers.calibration import calibration_metrics, confidence_or_certain
 
@@ -90,7 +90,7 @@ def generate(model: Qwen25VL, params, processor: Processor, examples: Sequence[E
       continue
     if any(map(asks, chunk)):
       out = generate_with_tools(sampler, params, batch, jax.random.fold_in(rng, start), sampling, tools,
-                                processor.tokenizer)
+                                processor.tokenizer, documents=[example_documents(e) for e in rows])
       texts += decode_rows(processor.tokenizer, out.tokens, out.lengths)[:len(chunk)]
       lengths += (out.lengths - out.read_tokens)[:len(chunk)].tolist()
       calls += out.calls[:len(chunk)].tolist()

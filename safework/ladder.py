@@ -170,10 +170,10 @@ class Ladder:
     sizes = self.data_sizes
     name = f"seed{self.seed}_" + "_".join(f"{k}{v}" for k, v in sorted(sizes.items()))   # new sizes, new dataset
     sources = build(workdir / "data" / "tfds", TinySuiteConfig(name=name, seed=self.seed, **sizes)).as_data_source()
-    data = SuiteData(sources, self.seed, write_search_corpus(workdir / "data", self.seed, "train"))
-    # Evaluation reads the test split's edition of the corpus (its facts differ from the training editions').
+    data = SuiteData(sources, self.seed)
+    # Evaluation searches the suite's corpus (its facts differ from every training question's own documents).
     tools = None if self.tools is None else ToolUse.build(dataclasses.replace(
-        self.tools, corpus=self.tools.corpus or str(write_search_corpus(workdir / "data", self.seed, "test"))),
+        self.tools, corpus=self.tools.corpus or str(write_search_corpus(workdir / "data", self.seed))),
         workdir / "search_index")
     test = [example_of(row)[0] for row in sources["test"]]
     processor = load_processor(self.policy, workdir, data.corpus())

@@ -32,7 +32,7 @@ from safework.rl.optim import OptimSettings, check_prefixes
 from safework.rewards.constraint import ConstraintSettings
 from safework.rl.rollout import RolloutSettings
 from safework.tools.calls import ToolSettings
-from safework.tools.generate import ToolUse, response_width
+from safework.tools.generate import ToolUse, example_documents, response_width
 from safework.rl.trainer import RLTrainer
 from safework.sft import SFTSettings, SFTTrainer, Trace
 from safework.training import TrainSettings
@@ -83,6 +83,7 @@ class StageData(Protocol):
   """Where a stage's rows come from: the user's files, a built-in task, or the tiny suite."""
   reward: RewardFunction | None   # a task's own reward, used when the stage configures none
   search_corpus: str | None       # documents it brings for the search tool, used when tools.corpus is empty
+                                  # (None: its questions bring their own, meta.documents)
 
   def corpus(self) -> Sequence[str]:
     """Text to train a tokenizer on, for a preset from scratch (empty: the policy must bring its tokenizer)."""
@@ -147,14 +148,13 @@ def run_stage(stage: Stage, *, policy: PolicySettings, data: StageData, seed: in
                          f"{model.config.text.max_position_embeddings} positions; lower them")
       if stage.reward is None and data.reward is None:
         raise ValueError("this RL stage has no reward section and its data brings no reward of its own")
+      prompts = data.prompts(stage.reward.labels if stage.reward else (), processor, stage.rollout.max_prompt_length)
       tools = None
       if stage.tools is not None:
-        corpus = stage.tools.corpus or data.search_corpus
+        corpus = stage.tools.corpus or data.search_corpus or ""
         if not corpus:
-          raise ValueError("the tools section needs tools.corpus (a JSONL of {\"id\", \"title\", \"text\"} "
-                           "documents; corpus=PATH in the experiment argument): this stage's data brings none")
+          check_own_documents(prompts)
         tools = ToolUse.build(dataclasses.replace(stage.tools, corpus=str(corpus)), workdir / "search_index")
-      prompts = data.prompts(stage.reward.labels if stage.reward else (), processor, stage.rollout.max_prompt_length)
       reward = build_reward(stage.reward, mesh, rules, extra_scorers) if stage.reward else data.reward
       params = policy_params(policy, model, mesh, rules, seed)
       params = RLTrainer(model=model, params=params, processor=processor, prompts=prompts, reward_fn=reward,
@@ -188,6 +188,15 @@ def from_config(config: Mapping[str, Any], workdir: str | Path, data: StageData 
   mesh, rules = sharding.make_mesh(dict(config["mesh"])), sharding.rules_of(config["sharding_rules"])
   return lambda: run_stage(stage, policy=policy, data=data, seed=config["seed"], workdir=workdir, mesh=mesh,
                            rules=rules)
+
+
+def check_own_documents(prompts: PromptSource) -> None:
+  """Without a corpus, every question must bring the documents its searches read."""
+  for i in range(len(prompts)):
+    if example_documents(prompts[i]) is None:
+      raise ValueError(f"prompt {i} ({prompts[i].question[:60]!r}) brings no documents (meta.documents) and the tools "
+                       "section has no corpus: give tools.corpus (a JSONL of {\"id\", \"title\", \"text\"} "
+                       "documents; corpus=PATH in the experiment argument), or documents with every question")
 
 
 def check_labels_present(labels: Sequence[str], counts: Mapping[str, int], where: str) -> None:

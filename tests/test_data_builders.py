@@ -1,6 +1,7 @@
 """tensorflow-datasets builders: the tiny suite is deterministic and round-trips; user files round-trip; malformed
 rows fail with the file and line."""
 
+import collections
 import json
 import re
 
@@ -14,7 +15,8 @@ from safework.data.example import Rows
 from safework.data.tiny_builder import SuiteData, TinySuiteConfig, build, example_of, write_search_corpus
 from safework.data.user_builders import UserPrompts, prepare, user_example
 from safework.tools.calls import ToolSettings, run_call
-from safework.tools.generate import ToolUse
+from safework.tools.corpus import SearchIndex
+from safework.tools.generate import ToolUse, example_documents
 
 SIZES = dict(sft=20, train=30, validation=5, test=10)
 
@@ -36,8 +38,7 @@ def test_tiny_suite_is_deterministic_and_round_trips(tmp_path):
   assert _records(first["test"]) == generated
   images = [e.images[0] for e, _ in map(example_of, first["train"]) if e.images]
   assert images and all(im.dtype == np.uint8 and im.shape == (56, 56, 3) for im in images)
-  safety = SuiteData(first, seed=3, search_corpus=tmp_path / "corpus.jsonl").prompts(("safety",), processor=None,
-                                                                                     max_length=0)
+  safety = SuiteData(first, seed=3).prompts(("safety",), processor=None, max_length=0)
   assert len(safety) and all(safety[i].label == "safety" for i in range(len(safety)))
 
 
@@ -68,34 +69,40 @@ def test_sft_traces_are_imperfect_where_the_rl_stages_fix_them():
   assert {r["verdict"] for r in judgments["value"]} == {"good", "bad"}
 
 
-def test_search_questions_need_the_corpus_and_the_traces_show_what_the_tool_returns(tmp_path):
-  """Every split asks the same questions, but answers from its own edition of the corpus, where every fact has
-  another value (a cold-start trace from an edition of its own): remembering does not answer, reading does. A trace
-  that searches shows what the real tool (BM25 over the edition) returns for its query; most cold-start traces
-  guess, most guesses claim confidence 0.9."""
-  for town in tiny_suite.towns(0):
-    assert all(train != test for train, test in town.values())
+def test_search_questions_need_their_documents_and_the_traces_show_what_the_tool_returns(tmp_path):
+  """Every split asks the same questions; a test question reads the suite's corpus, a training question (and each
+  cold-start trace) an edition of its own, drawn afresh: remembering does not answer, reading does. A trace that
+  searches shows what the real tool (BM25 over the question's documents, else the corpus) returns for its query;
+  most cold-start traces guess, most guesses claim confidence 0.9."""
   rows = lambda split, sft=False: [(e, t) for e, t in tiny_suite.generate(split, 1500, 0, sft) if e.label == "search"]
   questions = lambda split: {e.question for e, _ in rows(split)}
   assert questions("train") == questions("test") == {q.format(town=t) for q in tiny_suite.TOWN_QUESTIONS.values()
                                                      for t in tiny_suite.TOWNS}
+  tool = ToolUse.build(ToolSettings(corpus=str(write_search_corpus(tmp_path, 0)), results=tiny_suite.SEARCH_RESULTS),
+                       tmp_path / "index")
+  assert len(tool.index.documents) == len(tiny_suite.TOWNS)
+  train_answers = collections.defaultdict(set)
   for split in ("train", "test"):
-    number = tiny_suite.EDITIONS[split]
-    tool = ToolUse.build(ToolSettings(corpus=str(write_search_corpus(tmp_path, 0, split)),
-                                      results=tiny_suite.SEARCH_RESULTS), tmp_path / split)
-    assert len(tool.index.documents) == len(tiny_suite.TOWNS)
     for example, trace in rows(split):
+      own = example_documents(example)
+      assert (own is not None) == (split == "train") and (own is None or len(own) == len(tiny_suite.TOWNS))
+      index = tool.index if own is None else SearchIndex.of(own)
       town = tiny_suite.TOWNS.index(example.meta["town"])
-      assert example.answer == tiny_suite.towns(0)[town][example.meta["fact"]][number]
+      if split == "test":
+        assert example.answer == tiny_suite.corpus_towns(0)[town][example.meta["fact"]]
+      else:
+        train_answers[example.question].add(example.answer)
       query, shown = re.search(r"<search>(.*?)</search><result>(.*?)</result>", trace).groups()
-      assert shown == run_call(tool.index, "search", query, tool.settings)
+      assert shown == run_call(index, "search", query, tool.settings)
       assert f" {example.answer}" in shown
       assert trace.endswith(f"\\boxed{{{example.answer}}} <confidence>0.9</confidence>")
+  assert all(len(answers) > 1 for answers in train_answers.values())   # a training question's answer changes
   traces = rows("train", sft=True)
   answers = set()
   for example, trace in traces:
     if "<search>" in trace:
       query, shown = re.search(r"<search>(.*?)</search><result>(.*?)</result>", trace).groups()
+      assert shown == run_call(SearchIndex.of(example_documents(example)), "search", query, tool.settings)
       assert query.strip() == example.meta["town"] and shown.startswith(f"[{query.strip().lower()}] {query.strip()}:")
       stated = "flag is" if example.meta["fact"] == "colour" else "sign is a"
       assert f"{stated} {example.answer}" in shown

@@ -122,11 +122,12 @@ def test_recomputed_old_logprobs_match_the_sampler_and_kl_can_go_in_the_reward(t
 
 
 def test_a_tool_stage_without_a_corpus_is_named_before_any_weights_load(tmp_path, monkeypatch):
-  """The toy task brings no search corpus, so tools.corpus must name one; the error comes before any parameters."""
+  """The toy task brings no search corpus and its questions no documents of their own, so tools.corpus must name
+  one; the error comes before any parameters."""
   config = _config()
   config.tools = section(ToolSettings, corpus="")
   monkeypatch.setattr(stages, "policy_params", lambda *a, **k: pytest.fail("weights loaded before the check"))
-  with pytest.raises(ValueError, match=r"the tools section needs tools.corpus .*this stage's data brings none"):
+  with pytest.raises(ValueError, match=r"prompt 0 .* brings no documents .*has no corpus: give tools.corpus"):
     _train(config, tmp_path)
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from safework.data.example import Example
+from safework.data.jsonl import DataError
+from safework.data.user_builders import check_prompts
 from safework.models import forward, from_pretrained, get_preset
 from safework.processing import Processor
 from safework.rewards.base import Rewards
@@ -18,7 +20,7 @@ from safework.rl.rollout import Rollout, training_rows
 from safework.sampling import PromptBatch, Sampler, SamplingSettings
 from safework.sft import SFTSettings, sft_rows
 from safework.tools.calls import ToolSettings, pending_call, result_tokens, run_call, trace_tokens
-from safework.tools.corpus import SearchIndex, read_corpus
+from safework.tools.corpus import Document, SearchIndex, question_documents, read_corpus
 from safework.tools.generate import ToolUse, generate_with_tools
 from safework.verifiers.calibration import calibration_metrics, confidence_or_certain, stated_confidence
 from safework.verifiers.recipes import rule_scorer
@@ -40,13 +42,37 @@ def test_a_bad_corpus_line_is_named_with_the_fix(tmp_path):
   for text, message in [('{"id": "a", "title": "t", "text": "x"}\nnot json\n', r"bad.jsonl:2: not valid JSON"),
                         ('{"id": "a", "title": "t"}\n', r"bad.jsonl:1: \['text'\] missing or not strings"),
                         ('{"id": "a", "title": "t", "text": "x"}\n{"id": "a", "title": "u", "text": "y"}\n',
-                         r"bad.jsonl:2: id 'a' is already used on line 1"),
+                         r"bad.jsonl:2: id 'a' is already used by .*bad.jsonl:1"),
                         ("\n", "holds no documents")]:
     bad.write_text(text)
     with pytest.raises(ValueError, match=message):
       read_corpus(bad)
   with pytest.raises(FileNotFoundError, match="is not a file"):
     read_corpus(tmp_path / "missing.jsonl")
+
+
+class _OneToken:
+  """A processor for which every prompt is one token (only the rows' other checks matter)."""
+  render = staticmethod(lambda messages: "")
+  count_tokens = staticmethod(lambda text, image_sizes: 1)
+
+
+def test_a_questions_own_documents_are_checked_with_its_file_and_line(tmp_path):
+  assert question_documents({"task": "x"}, "q") is None
+  assert question_documents({"documents": DOCUMENTS}, "q")[1] == Document(**DOCUMENTS[1])
+  for documents, message in [({"id": "a"}, r"train.jsonl:3: meta.documents must be a list .* got dict"),
+                             ([DOCUMENTS[0], {"id": "b", "title": "t"}],
+                              r"train.jsonl:3: meta.documents\[1\]: \['text'\] missing or not strings"),
+                             ([DOCUMENTS[0], DOCUMENTS[0]],
+                              r"meta.documents\[1\]: id 'zorbin' is already used by .*meta.documents\[0\]"),
+                             ([], r"train.jsonl:3: meta.documents holds no documents")]:
+    with pytest.raises(ValueError, match=message):
+      question_documents({"documents": documents}, "train.jsonl:3")
+  # A user's split file: the bad row is named before anything is built.
+  (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "a", "label": "search"}) + "\n" + json.dumps(
+      {"prompt": "b", "label": "search", "meta": {"documents": [{"id": 1, "title": "t", "text": "x"}]}}) + "\n")
+  with pytest.raises(DataError, match=r"train.jsonl:2: meta.documents\[0\]: \['id'\] missing"):
+    check_prompts(tmp_path, "train", processor=_OneToken(), max_length=10)
 
 
 def test_the_index_is_built_once_per_corpus_and_finds_by_bm25(tmp_path):
@@ -165,6 +191,33 @@ def test_generation_pauses_for_the_tool_and_resumes_with_its_result_in_context(c
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     np.testing.assert_allclose(out.logprobs[r, :n][~from_tool], logp[np.arange(n), tokens][~from_tool], atol=1e-4)
+
+
+def test_a_question_with_documents_of_its_own_searches_them_and_the_others_the_corpus(chat_checkpoint, tmp_path):
+  """Both prompts search "zorbin" first thing: the one that brings documents reads its own (where the zorbin is a
+  red fish), the other the corpus. Without a corpus, a question without documents is named."""
+  model, params = from_pretrained(chat_checkpoint)
+  processor = Processor.from_pretrained(chat_checkpoint)
+  tokenizer = processor.tokenizer
+  index = SearchIndex.build(_corpus(tmp_path / "corpus.jsonl"), tmp_path / "index")
+  batch = processor([processor.render([{"role": "user", "content": [{"type": "text", "text": q}]}])
+                     for q in ("a cat", "hi")])
+  call = tuple(tokenizer.encode("<search>zorbin</search>", add_special_tokens=False))
+  tools = ToolSettings(max_calls=1, results=1, result_tokens=80, chunk_tokens=len(call))
+  cfg = model.config
+  vision_ids = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+  sampling = SamplingSettings(max_new_tokens=len(call) + 2, temperature=0.0, pad_id=0,
+                              logits_processor=_CallFirst(call, 1, vision_ids))
+  own = [Document("fish", "Zorbin", "The zorbin is a red fish of Lake Um.")]
+  out = generate_with_tools(Sampler(model), params, batch, jax.random.key(0), sampling, ToolUse(tools, index),
+                            tokenizer, documents=[own, None])
+  read = [tokenizer.decode(out.tokens[r, :out.lengths[r]][out.tool_mask[r, :out.lengths[r]]]) for r in range(2)]
+  assert out.calls.tolist() == [1, 1]
+  assert "[fish] Zorbin: The zorbin is a red fish" in read[0] and "blue bird" not in read[0]
+  assert "[zorbin] Zorbin: The zorbin is a blue bird" in read[1]
+  with pytest.raises(ValueError, match=r"prompt 1 of the batch brings no documents .* the tool has no corpus"):
+    generate_with_tools(Sampler(model), params, batch, jax.random.key(0), sampling, ToolUse(tools, None), tokenizer,
+                        documents=[own, None])
 
 
 # -- calibration and the constraint ---------------------------------------------------------------------------------

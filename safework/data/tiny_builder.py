@@ -68,26 +68,27 @@ def example_of(row: dict) -> tuple[Example, str]:
                   answer=row["answer"] or None, meta=json.loads(row["meta"])), row["trace"])
 
 
-def write_search_corpus(directory: str | Path, seed: int, split: str) -> Path:
-  """The edition of the suite's search corpus a split's answers come from, as a JSONL file in `directory` (written
-  once, whole or not at all)."""
-  path = Path(directory) / f"search_corpus_seed{seed}_edition{tiny_suite.EDITIONS[split]}.jsonl"
+def write_search_corpus(directory: str | Path, seed: int) -> Path:
+  """The suite's search corpus (what its validation and test questions read) as a JSONL file in `directory`
+  (written once, whole or not at all)."""
+  path = Path(directory) / f"search_corpus_seed{seed}.jsonl"
   if distributed.is_main() and not path.is_file():
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".partial")
-    staging.write_text("".join(json.dumps(d) + "\n" for d in tiny_suite.corpus_edition(seed, split)))
+    staging.write_text("".join(json.dumps(d) + "\n" for d in tiny_suite.search_corpus(seed)))
     os.replace(staging, path)
   distributed.wait_for_all()
   return path
 
 
 class SuiteData:
-  """The tiny suite as a stage's data (`safework.stages.StageData`), with the search corpus of its RL prompts (the
-  train split's edition)."""
+  """The tiny suite as a stage's data (`safework.stages.StageData`). It brings no search corpus: its training
+  questions bring their own documents."""
   reward = None
+  search_corpus = None
 
-  def __init__(self, sources: dict, seed: int, search_corpus: str | Path):
-    self.sources, self.seed, self.search_corpus = sources, seed, str(search_corpus)
+  def __init__(self, sources: dict, seed: int):
+    self.sources, self.seed = sources, seed
 
   def corpus(self) -> Sequence[str]:
     return tiny_suite.corpus(self.seed)

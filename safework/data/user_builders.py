@@ -3,8 +3,9 @@
 Put `train.jsonl` / `validation.jsonl` / `test.jsonl` (or `.csv`) in a directory and pass it as `manual_dir`:
 
 - `UserPrompts`: RL/eval/SFT rows: `prompt` (required), `images` (paths), `reference` (gold answer), `label` (the
-  reward recipe: safety, value, knowledge, ...), `meta` (a JSON object: harm category, constraints, ...),
-  `response` (an SFT trace `<think> ... </think> answer`). A builder config keeps only some labels (a stage's).
+  reward recipe: safety, value, knowledge, ...), `meta` (a JSON object: harm category, constraints, `documents`
+  that the question's searches read instead of the corpus, ...), `response` (an SFT trace
+  `<think> ... </think> answer`). A builder config keeps only some labels (a stage's).
 - `Judgments`: labelled judgments to train verifiers: `question` (required), `images`, `answer` (gold), `label`,
   and either `response` + `verdict` (classification) or `chosen` + `rejected` (preference pairs).
 
@@ -24,6 +25,7 @@ import tensorflow_datasets as tfds
 
 from safework.data.example import Example
 from safework.data.jsonl import DataError, image_size, read_rows, resolve_image
+from safework.tools.corpus import question_documents
 
 SPLITS = ("train", "validation", "test")
 
@@ -139,6 +141,10 @@ def check_prompts(manual_dir: str | Path, split: str, processor, max_length: int
                       f"known labels: {sorted(known_labels)}")
     if need_response and not row["response"]:
       raise DataError(f"{path}:{line}: SFT rows need a 'response' (the trace <think> ... </think> answer)")
+    try:
+      question_documents(row["meta"], f"{path}:{line}")
+    except ValueError as e:
+      raise DataError(str(e)) from None
     sizes = [image_size(path, line, resolve_image(path, line, path.parent, name)) for name in row["images"]]
     example = Example(question=row["prompt"], images=tuple(row["images"]), label=label)
     tokens = example.prompt_tokens(processor, sizes)

@@ -36,7 +36,7 @@ from safework.rl.logprobs import bucketed_widths
 from safework.sampling import Sampler, SamplingSettings
 from safework.sampling.prompts import PromptBatch
 from safework.sampling.text import decode_rows, stop_sequences
-from safework.tools.generate import ToolUse, generate_with_tools
+from safework.tools.generate import ToolUse, example_documents, generate_with_tools
 
 OVERLONG = ("none", "mask", "soft")
 
@@ -232,12 +232,14 @@ def overlong_shaping(lengths: np.ndarray, done: np.ndarray, settings: RolloutSet
 
 
 def _generate(sampler: Sampler, params, part: PromptBatch, rng, sampling: SamplingSettings, tokenizer,
-              settings: RolloutSettings, tools: ToolUse | None, first_row: int) -> dict[str, np.ndarray]:
-  """One chunk of prompts' G samples each, as host arrays (with tools: their results interleaved)."""
+              settings: RolloutSettings, tools: ToolUse | None, first_row: int,
+              documents: list) -> dict[str, np.ndarray]:
+  """One chunk of prompts' G samples each, as host arrays (with tools: their results interleaved, each prompt's
+  calls searching its own `documents` where it brings some)."""
   g = settings.samples_per_prompt
   if tools is not None:
     out = generate_with_tools(sampler, params, part.arrays(), rng, sampling, tools, tokenizer, num_samples=g,
-                              first_row=first_row)
+                              first_row=first_row, documents=documents)
     return {"responses": out.tokens, "lengths": out.lengths, "done": out.done, "policy_logp": out.logprobs,
             "behaviour_logp": out.behaviour_logprobs, "tool_mask": out.tool_mask, "tool_calls": out.calls}
   out = sampler.generate(params, part.arrays(), rng, sampling, num_samples=g, first_row=first_row,
@@ -258,6 +260,7 @@ def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler
   rows that finish early stop costing (the sampler compacts the live rows).
   """
   prompts = PromptBatch.of(examples, processor, settings.max_prompt_length, settings.bucket_images)
+  documents = [example_documents(e) for e in examples] if tools is not None else [None] * len(examples)
   chunk = min(settings.generation_prompts or len(examples), len(examples))
   parts = []
   for start in range(0, len(examples), chunk):
@@ -265,7 +268,8 @@ def sample_round(examples: Sequence[Example], params, rng: jax.Array, *, sampler
     part = prompts if chunk == len(examples) else PromptBatch.of(
         [examples[i] for i in rows + rows[:1] * (chunk - len(rows))], processor, settings.max_prompt_length,
         settings.bucket_images, width=prompts.input_ids.shape[1])
-    out = _generate(sampler, params, part, rng, sampling, processor.tokenizer, settings, tools, start)
+    out = _generate(sampler, params, part, rng, sampling, processor.tokenizer, settings, tools, start,
+                    [documents[i] for i in rows + rows[:1] * (chunk - len(rows))])
     kept = len(rows) * settings.samples_per_prompt
     parts.append({name: value[:kept] for name, value in out.items()})
   outputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}

@@ -22,7 +22,8 @@ _RESULT = re.compile(r"<result>(.*?)</result>", re.DOTALL)
 @dataclasses.dataclass(frozen=True)
 class ToolSettings:
   """`corpus`: the JSONL of documents the tool searches (indexed once into the work directory; empty: the corpus the
-  stage's data brings, as the tiny suite does). `max_calls` per response (a call after those is plain text);
+  stage's data brings, else none: every question brings its own documents, as the tiny suite's do). A question's
+  own documents (`meta["documents"]`) are what its calls search, corpus or not. `max_calls` per response (a call after those is plain text);
   `results` documents per search, shown as `[id] title: text`; a result has at most `result_tokens` tokens; a
   query at most `query_chars` characters. Generation runs in chunks of `chunk_tokens`: a row that calls no tool
   waits at most one chunk for those that do."""

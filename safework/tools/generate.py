@@ -14,18 +14,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safework.data.example import Example
 from safework.distributed import host_array
 from safework.sampling.masks import end_rows
 from safework.sampling.sampler import Sampler, bucket_length, left_padded_block
 from safework.sampling.settings import SamplingSettings
 from safework.sampling.text import delimiter_stops
 from safework.tools.calls import CLOSING_TAGS, ToolSettings, pending_call, result_tokens, run_call
-from safework.tools.corpus import SearchIndex
+from safework.tools.corpus import Document, SearchIndex, question_documents
 
 
 @dataclasses.dataclass
@@ -55,17 +57,24 @@ def cache_reserve(max_new_tokens: int, tools: ToolSettings) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ToolUse:
-  """The search tool at hand while generating: how calls are answered, and the local index they read."""
+  """The search tool at hand while generating: how calls are answered, and the local index they read (None: every
+  question brings its own documents)."""
   settings: ToolSettings
-  index: SearchIndex
+  index: SearchIndex | None
 
   @classmethod
   def build(cls, settings: ToolSettings, directory: str | Path) -> "ToolUse":
-    """The tool over `settings.corpus`, indexed once into `directory`."""
-    return cls(settings.validate(), SearchIndex.build(settings.corpus, directory))
+    """The tool over `settings.corpus`, indexed once into `directory` (no corpus: no index)."""
+    settings = settings.validate()
+    return cls(settings, SearchIndex.build(settings.corpus, directory) if settings.corpus else None)
 
   def response_length(self, max_new_tokens: int) -> int:
     return response_width(max_new_tokens, self.settings)
+
+
+def example_documents(example: Example) -> list[Document] | None:
+  """The documents an example brings for its own searches (`meta["documents"]`; None: it searches the corpus)."""
+  return question_documents(example.meta, f"the question {example.question[:60]!r}")
 
 
 @dataclasses.dataclass
@@ -90,11 +99,27 @@ class _Row:
 
 
 def generate_with_tools(sampler: Sampler, params, batch: dict, rng: jax.Array, sampling: SamplingSettings,
-                        tool: ToolUse, tokenizer, num_samples: int = 1, first_row: int = 0) -> ToolRollout:
+                        tool: ToolUse, tokenizer, num_samples: int = 1, first_row: int = 0,
+                        documents: Sequence[Sequence[Document] | None] | None = None) -> ToolRollout:
   """`num_samples` responses per prompt of `batch`, each with up to `sampling.max_new_tokens` tokens of its own and
   `max_calls` tool results. Row i of a round draws with fold_in(round key, first_row * G + i), so generating a
-  batch in chunks of prompts samples the same."""
-  index, tools = tool.index, tool.settings
+  batch in chunks of prompts samples the same. A prompt's own `documents` (None: none) are what its calls search
+  instead of the tool's corpus."""
+  tools = tool.settings
+  indexes = {}   # prompt -> the index its calls read
+
+  def index_of(row: int) -> SearchIndex:
+    prompt = row // num_samples
+    own = documents[prompt] if documents is not None else None
+    if own is None:
+      if tool.index is None:
+        raise ValueError(f"prompt {first_row + prompt} of the batch brings no documents (meta.documents) and the "
+                         "tool has no corpus: give tools.corpus, or documents with every question")
+      return tool.index
+    if prompt not in indexes:
+      indexes[prompt] = SearchIndex.of(list(own))
+    return indexes[prompt]
+
   max_new, chunk = sampling.max_new_tokens, tools.chunk_tokens
   prefix = sampler.prefill(params, batch, cache_reserve(max_new, tools))
   prompts = prefix.key_valid.shape[0]
@@ -125,7 +150,7 @@ def generate_with_tools(sampler: Sampler, params, batch: dict, rng: jax.Array, s
       row.ended = bool(n) and sampling.ends(row.tokens[-n:])   # the tokens just drawn
       call = None if row.ended else pending_call(tokenizer.decode(row.tokens, skip_special_tokens=True))
       if call is not None and row.calls < tools.max_calls:
-        results[r] = result_tokens(tokenizer, run_call(index, *call, tools), tools.result_tokens)
+        results[r] = result_tokens(tokenizer, run_call(index_of(r), *call, tools), tools.result_tokens)
       row.done = row.ended or row.policy_tokens >= max_new
     if results:
       block = left_padded_block([results.get(r, []) for r in range(len(rows))])
