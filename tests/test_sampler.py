@@ -11,7 +11,7 @@ from safework import sharding
 from safework.models import forward, from_pretrained
 from safework.models.checkpoint import abstract_params
 from safework.sampling import Sampler, SamplingSettings, bucket_length
-from safework.sampling.sampler import attention_spans
+from safework.sampling.shapes import attention_spans
 from safework.sampling.tokens import sample_tokens
 from tests import hf_reference as ref
 

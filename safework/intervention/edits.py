@@ -12,7 +12,8 @@ from typing import Sequence
 
 import jax
 
-from safework.sampling.sampler import Prefix, Sampler, SampleOutput, left_padded_block
+from safework.sampling.sampler import Prefix, Sampler, SampleOutput
+from safework.sampling.shapes import left_padded_block
 from safework.sampling.settings import SamplingSettings
 
 DELIMITERS = ("\n\n",)

@@ -27,7 +27,8 @@ from safework.data.example import Example
 from safework.distributed import host_array
 from safework.intervention.settings import SearchSettings
 from safework.sampling.masks import BannedSequences, Chain, GreedyEvery, banned_next, end_rows, mask_next_tokens
-from safework.sampling.sampler import Prefix, Sampler, bucket_length, left_padded_block
+from safework.sampling.sampler import Prefix, Sampler
+from safework.sampling.shapes import bucket_length, left_padded_block
 from safework.sampling.settings import SamplingSettings
 from safework.sampling.text import delimiter_stops, stop_sequences
 from safework.verifiers.recipes import Scorer

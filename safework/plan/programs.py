@@ -39,7 +39,7 @@ from safework.rl.logprobs import bucketed_widths
 from safework.rl.objectives import CrossEntropyObjective, PolicyGradientObjective, make_logprob_fn
 from safework.rl.optim import make_optimizer
 from safework.sampling import Sampler, SamplingSettings
-from safework.sampling.sampler import bucket_length, filled_floor
+from safework.sampling.shapes import bucket_length, filled_floor
 from safework.tools.generate import cache_reserve
 from safework.training.state import abstract_state
 from safework.training.step import make_train_step

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safework.sampling.sampler import Prefix, bucket_length
+from safework.sampling.sampler import Prefix
+from safework.sampling.shapes import bucket_length
 from safework.sampling.tokens import NO_TOKEN
 
 

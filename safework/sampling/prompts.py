@@ -12,7 +12,7 @@ import numpy as np
 
 from safework.data.example import Example
 from safework.processing import Processor
-from safework.sampling.sampler import bucket_length, pad_left
+from safework.sampling.shapes import bucket_length, pad_left
 
 _VISION_FIELDS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 

@@ -23,7 +23,8 @@ import numpy as np
 from safework.data.example import Example
 from safework.distributed import host_array
 from safework.sampling.masks import end_rows
-from safework.sampling.sampler import Sampler, bucket_length, left_padded_block
+from safework.sampling.sampler import Sampler
+from safework.sampling.shapes import bucket_length, left_padded_block
 from safework.sampling.settings import SamplingSettings
 from safework.sampling.text import delimiter_stops
 from safework.tools.calls import CLOSING_TAGS, ToolSettings, pending_call, result_tokens, run_call

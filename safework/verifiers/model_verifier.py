@@ -22,7 +22,7 @@ from safework.models.inputs import PreparedInputs, prepare_inputs
 from safework.models.qwen2_5_vl import Qwen25VL, encode_vision
 from safework.models.vision_shards import shard_axes
 from safework.processing import Processor
-from safework.sampling.sampler import bucket_length, pad_left
+from safework.sampling.shapes import bucket_length, pad_left
 from safework.verifiers import heads
 from safework.verifiers.judges import JudgeSpec
 from safework.verifiers.rules import final_answer
