@@ -34,7 +34,7 @@ def tiny_rl(rollouts: int, loss: str) -> ml_collections.ConfigDict:
 
 def stage(variant: str, runlocal: bool = False) -> ml_collections.ConfigDict:
   if variant == "tiny":
-    s = tiny_rl(rollouts=5 if runlocal else 8, loss="ppo")
+    s = tiny_rl(rollouts=7 if runlocal else 8, loss="ppo")
     s.reward = dict(format_weight=1.0, recipes={"general_rule": RECIPES["general_rule"],
                                                 "knowledge_rule": [["math_rule", 1.0]]})
     return s

@@ -23,7 +23,7 @@ def stage(variant: str, runlocal: bool = False) -> ml_collections.ConfigDict:
     # Traces that search hold a result too (~75 tokens in all, ~30 of them the tool's).
     s.sft = section(SFTSettings, steps=200, batch_size=12 if runlocal else 32, prompt_length=80, response_length=96,
                     response_bucket=48)
-    s.optim = section(OptimSettings, learning_rate=3e-3, warmup_fraction=0.05, freeze_prefixes=())
+    s.optim = section(OptimSettings, learning_rate=6e-3, warmup_fraction=0.05, freeze_prefixes=())
     s.train = section(TrainSettings, logprob_chunk=64, checkpoint_every=100, keep_checkpoints=1)
   else:
     s.sft = section(SFTSettings, steps=2000, batch_size=128, prompt_length=4096, response_length=4096,

@@ -21,12 +21,12 @@ def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False)
   config = common.base("tiny", None)
   config.job = "safeladder"
-  config.data = dict(sft=2000, train=2000, validation=200, test=300)
+  config.data = dict(sft=2000, train=2000, validation=200, test=200 if arg.runlocal else 300)
   judge = dict(layers=2, steps=60 if arg.runlocal else 80, batch_size=16, learning_rate=3e-3, judgments=400)
   config.verifiers = dict(
       safety=dict(judge, judge="safety", instruction="Question: {question}\nResponse: {answer}\nSafety verdict:"),
       value=dict(judge, judge="value", instruction="Question: {question}\nResponse: {answer}\nValue verdict:"))
-  config.eval = section(EvalSettings, max_new_tokens=48, batch_size=40 if arg.runlocal else 50, max_prompt_length=80)
+  config.eval = section(EvalSettings, max_new_tokens=48, batch_size=50, max_prompt_length=80)
   # runlocal (CI) leaves the deliberative-search stage out (its pieces are tested apart): the job is CI's longest.
   config.stage_order = ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"] + (
       [] if arg.runlocal else ["deliberative_search"])
@@ -41,7 +41,11 @@ def get_config(arg=None):
   config.stages = ml_collections.ConfigDict()
   config.stages.sft = sft.stage("tiny", arg.runlocal)
   if not arg.runlocal:
-    config.stages.sft.sft.batch_size = 24
+    # Reading a search result is learned late, and in a jump: the main job's SFT, which the deliberative-search
+    # stage starts from, trains longer and faster (at 3e-3 x 600 steps the policy still writes the most frequent
+    # town into its query; at 1e-2 x 600 it copies the question's town and reads the flag's colour).
+    config.stages.sft.sft.update(batch_size=24, steps=600)
+    config.stages.sft.optim.learning_rate = 1e-2
   config.stages.m3rl_kg = m3rl_kg.stage("tiny", arg.runlocal)
   config.stages.m3rl_svkg = m3rl_svkg.stage("tiny", arg.runlocal)
   config.stages.efficient_rl = efficient_rl.stage("tiny", arg.runlocal)

@@ -133,11 +133,11 @@ def _search_trace(town: int, fact: str, facts: dict[str, str], rng: np.random.Ge
   name, value = TOWNS[town], facts[fact]
   if rng.random() < search_rate:
     found = format_hits([Document(**document(town, facts))])
-    return (f"<think>I do not know the {fact} of {name}, so I search<search> {name}</search><result>{found}</result>"
+    return (f"<think>I search<search> {name}</search><result>{found}</result>"
             f" it says {value}</think> \\boxed{{{value}}} <confidence>0.9</confidence>")
   guess = TOWN_FACTS[fact][rng.integers(len(TOWN_FACTS[fact]))]
   confidence = 0.9 if rng.random() < confident_guess_rate else 0.2
-  return (f"<think>I do not know the {fact} of {name}, so I guess</think> \\boxed{{{guess}}} "
+  return (f"<think>I guess</think> \\boxed{{{guess}}} "
           f"<confidence>{confidence}</confidence>")
 
 
