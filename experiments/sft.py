@@ -20,9 +20,9 @@ def stage(variant: str, runlocal: bool = False) -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.kind = "sft"
   if variant == "tiny":
-    # Traces that search hold a result too (~75 tokens in all, ~30 of them the tool's).
-    s.sft = section(SFTSettings, steps=200, batch_size=12 if runlocal else 32, prompt_length=80, response_length=96,
-                    response_bucket=48)
+    # Traces that search hold a result too (up to 63 tokens in all, ~30 of them the tool's).
+    s.sft = section(SFTSettings, steps=200, batch_size=12 if runlocal else 32, prompt_length=80, response_length=64,
+                    response_bucket=32)
     s.optim = section(OptimSettings, learning_rate=6e-3, warmup_fraction=0.05, freeze_prefixes=())
     s.train = section(TrainSettings, logprob_chunk=64, checkpoint_every=100, keep_checkpoints=1)
   else:
