@@ -8,19 +8,26 @@ from safework.experiment import section
 from safework.policy import PolicySettings
 from safework.training import TrainSettings
 
-VARIANTS = ("tiny", "3b", "7b", "32b", "72b")
+# Qwen2.5-VL sizes (the paper's SafeWork-R1 and -7B), and the paper's other backbones: the variant is the model
+# preset (safework.models.presets), planned on the slice of the Qwen2.5-VL size it matches.
+SIZE_OF = {"tiny": "tiny", "3b": "3b", "7b": "7b", "32b": "32b", "72b": "72b",
+           "r1_distill_llama_8b": "7b", "r1_distill_qwen_7b": "7b", "r1_distill_qwen_32b": "32b",
+           "r1_distill_llama_70b": "72b"}
+VARIANTS = tuple(SIZE_OF)
 
 # Meshes for TPU pod slices (v5p: 4 chips per host): FSDP across the slice, tensor parallelism for the large ones.
-MESHES = {
+_SIZE_MESHES = {
     "tiny": dict(data=-1, fsdp=1, tensor=1),
     "3b": dict(data=-1, fsdp=8, tensor=1),
     "7b": dict(data=-1, fsdp=16, tensor=1),
     "32b": dict(data=-1, fsdp=32, tensor=4),
     "72b": dict(data=-1, fsdp=64, tensor=4),
 }
+MESHES = {variant: _SIZE_MESHES[size] for variant, size in SIZE_OF.items()}
 
 # The slice each variant's experiments are planned for and run on (python -m safework.plan checks they fit).
-TOPOLOGIES = {"3b": "v5p-16", "7b": "v5p-32", "32b": "v5p-256", "72b": "v5p-512"}
+_SIZE_TOPOLOGIES = {"3b": "v5p-16", "7b": "v5p-32", "32b": "v5p-256", "72b": "v5p-512"}
+TOPOLOGIES = {variant: _SIZE_TOPOLOGIES[size] for variant, size in SIZE_OF.items() if size != "tiny"}
 
 # The paper's reward models by shape (SafeWork-RM-Safety-7B, -Value-72B, -Knowledge-72B): what the planner plans
 # for until the experiment names the checkpoints.

@@ -22,7 +22,7 @@ import tqdm
 from safework import distributed
 from safework.data.example import Example
 from safework.intervention.search import StepSearch
-from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.protocol import CausalLM
 from safework.processing import Processor
 from safework.sampling import PromptBatch, Sampler, SamplingSettings
 from safework.sampling.text import decode_rows
@@ -43,7 +43,7 @@ class EvalSettings:
   certain_threshold: float = 0.7   # a wrong answer stated with more confidence than this is false-certain
 
 
-def eval_sampling(model: Qwen25VL, tokenizer, max_new_tokens: int) -> SamplingSettings:
+def eval_sampling(model: CausalLM, tokenizer, max_new_tokens: int) -> SamplingSettings:
   """Greedy decoding that stops at the checkpoint's and the tokenizer's end tokens."""
   eos = model.config.eos_token_id
   eos_ids = set(eos) if isinstance(eos, tuple) else {eos} if eos is not None else set()
@@ -61,7 +61,7 @@ class Generations:
   tool_calls: np.ndarray | None = None   # [n] tool calls of each response (generated with tools)
 
 
-def generate(model: Qwen25VL, params, processor: Processor, examples: Sequence[Example], settings: EvalSettings,
+def generate(model: CausalLM, params, processor: Processor, examples: Sequence[Example], settings: EvalSettings,
              mesh: jax.sharding.Mesh | None = None, search: StepSearch | None = None, progress: bool = True,
              rng: jax.Array | None = None, tools: ToolUse | None = None) -> Generations:
   """Greedy responses, or the step search's, in fixed-size batches (the last padded with repeats). With `tools`, the
@@ -142,7 +142,7 @@ def score(examples: Sequence[Example], responses: Sequence[str], lengths: np.nda
   return out
 
 
-def evaluate(model: Qwen25VL, params, processor: Processor, examples: Sequence[Example], settings: EvalSettings,
+def evaluate(model: CausalLM, params, processor: Processor, examples: Sequence[Example], settings: EvalSettings,
              mesh: jax.sharding.Mesh | None = None, search: StepSearch | None = None,
              tools: ToolUse | None = None) -> dict[str, float]:
   """The scores of greedy decoding (or of the step search, or with the search tool at hand), with what generating

@@ -26,8 +26,8 @@ from safework.evaluation import SEARCH_LABELS, EvalSettings, eval_sampling, eval
 from safework.experiment import settings
 from safework.intervention.search import StepSearch
 from safework.intervention.settings import SearchSettings
-from safework.models import Qwen25VL, get_preset, init_params
-from safework.policy import PolicySettings, load_processor, policy_model, policy_params
+from safework.models import build_model, family_of, get_preset, init_params
+from safework.policy import PolicySettings, load_processor, policy_config, policy_model, policy_params
 from safework.processing import Processor
 from safework.report import write_report
 from safework.sampling import Sampler
@@ -61,8 +61,9 @@ class TinyJudgeSettings:
 
 
 def train_verifiers(judges: dict[str, TinyJudgeSettings], seed: int, workdir: Path, processor: Processor, mesh,
-                    rules) -> dict[str, ModelVerifier]:
-  """The tiny judges, trained through the core loop (saved; reloaded on re-runs)."""
+                    rules, preset: str = "tiny") -> dict[str, ModelVerifier]:
+  """The tiny judges, trained through the core loop (saved; reloaded on re-runs); each is the policy's `preset`
+  with the judge's number of layers."""
   verifiers = {}
   for name, spec in judges.items():
     out = workdir / "verifiers" / name
@@ -80,8 +81,8 @@ def train_verifiers(judges: dict[str, TinyJudgeSettings], seed: int, workdir: Pa
     distributed.wait_for_all()
     sources = prepare(Judgments, workdir / "data" / f"tfds_judgments_{name}", manual).as_data_source()
     train_rows, test_rows = ([decode(r) for r in sources[s]] for s in ("train", "test"))
-    cfg = get_preset("tiny")
-    model = Qwen25VL(cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=spec.layers)))
+    cfg = get_preset(preset)
+    model = build_model(cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=spec.layers)))
     params = sharding.init_sharded(lambda r: init_params(model, r), jax.random.key(seed), mesh, rules)
     judge = JUDGES[spec.judge]
     if spec.instruction:
@@ -168,8 +169,10 @@ class Ladder:
     """Runs (or continues) the ladder in `workdir`; returns the report's path."""
     workdir, mesh = Path(workdir), sharding.make_mesh(self.mesh)
     sizes = self.data_sizes
-    name = f"seed{self.seed}_" + "_".join(f"{k}{v}" for k, v in sorted(sizes.items()))   # new sizes, new dataset
-    sources = build(workdir / "data" / "tfds", TinySuiteConfig(name=name, seed=self.seed, **sizes)).as_data_source()
+    text_only = not family_of(policy_config(self.policy)).reads_images   # a text-only policy: no image tasks
+    name = f"seed{self.seed}_" + "_".join(f"{k}{v}" for k, v in sorted(sizes.items())) + "_text" * text_only
+    sources = build(workdir / "data" / "tfds", TinySuiteConfig(name=name, seed=self.seed, text_only=text_only,
+                                                               **sizes)).as_data_source()
     data = SuiteData(sources, self.seed)
     # Evaluation searches the suite's corpus (its facts differ from every training question's own documents).
     tools = None if self.tools is None else ToolUse.build(dataclasses.replace(
@@ -177,7 +180,7 @@ class Ladder:
         workdir / "search_index")
     test = [example_of(row)[0] for row in sources["test"]]
     processor = load_processor(self.policy, workdir, data.corpus())
-    verifiers = train_verifiers(self.judges, self.seed, workdir, processor, mesh, self.rules)
+    verifiers = train_verifiers(self.judges, self.seed, workdir, processor, mesh, self.rules, self.policy.preset)
     previous, checkpoints, curves = None, [], {}
     for name, stage in self.stages.items():
       out = workdir / "stages" / name

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import transformers
 
 from safework import distributed, sharding
-from safework.models import Qwen25VL, get_preset, init_params
+from safework.models import CausalLM, build_model, get_preset, init_params
 from safework.models.checkpoint import abstract_params, load_config, load_params
 from safework.models.text import ATTENTION
 from safework.processing import Processor, VisionSettings, train_tokenizer
@@ -69,14 +69,19 @@ def load_processor(settings: PolicySettings, workdir: str | Path, corpus: Sequen
   return Processor(tokenizer, VisionSettings(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels))
 
 
-def policy_model(settings: PolicySettings) -> Qwen25VL:
-  """The policy's model definition (from the checkpoint's config.json, or the preset); no weights are read."""
-  config = load_config(settings.checkpoint) if settings.checkpoint is not None else get_preset(settings.preset)
-  return Qwen25VL(config, dtype=jnp.dtype(settings.dtype), param_dtype=jnp.dtype(settings.param_dtype),
-                  remat_policy=settings.remat, attention=settings.attention)
+def policy_config(settings: PolicySettings):
+  """The policy's architecture: the checkpoint's config.json, or the preset."""
+  return load_config(settings.checkpoint) if settings.checkpoint is not None else get_preset(settings.preset)
 
 
-def policy_params(settings: PolicySettings, model: Qwen25VL, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+def policy_model(settings: PolicySettings) -> CausalLM:
+  """The policy's model definition; no weights are read."""
+  return build_model(policy_config(settings), dtype=jnp.dtype(settings.dtype),
+                     param_dtype=jnp.dtype(settings.param_dtype),
+                     remat_policy=settings.remat, attention=settings.attention)
+
+
+def policy_params(settings: PolicySettings, model: CausalLM, mesh: jax.sharding.Mesh, rules: sharding.Rules,
                   seed: int = 0) -> dict:
   """The parameters, born sharded: read from the checkpoint, or initialised from `seed`."""
   if settings.checkpoint is not None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from safework import distributed, sharding
 from safework.data.example import Example, from_wire, to_wire
-from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.protocol import CausalLM
 from safework.models.vision_shards import ShardAxes, shard_axes
 from safework.processing import Processor
 from safework.rl.batch import SequenceBatch, VisionContext, VisionInputs, micro_batch_layout, prompt_sequences
@@ -102,7 +102,7 @@ class TraceSource(StepSource):
 class SFTTrainer:
   """Trains `params` (whose buffers it takes over: the first step donates them) on (example, trace) pairs."""
 
-  def __init__(self, *, model: Qwen25VL, params, processor: Processor, traces: Sequence[Trace],
+  def __init__(self, *, model: CausalLM, params, processor: Processor, traces: Sequence[Trace],
                settings: SFTSettings, optim: OptimSettings, train: TrainSettings, seed: int, workdir: str | Path,
                mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES):
     settings = settings.validate()

@@ -22,7 +22,7 @@ from safework.data.example import PromptSource, Rows
 from safework.data.jsonl import DataError
 from safework.data.user_builders import UserPrompts, check_prompts, prepare, prompts_config, user_example
 from safework.experiment import close_matches, settings
-from safework.models import Qwen25VL, save_pretrained
+from safework.models import CausalLM, save_pretrained
 from safework.models.checkpoint import abstract_params
 from safework.policy import PolicySettings, load_processor, policy_model, policy_params
 from safework.processing import Processor
@@ -125,7 +125,7 @@ def parse_stage(section: Mapping[str, Any], extra_scorers: Sequence[str] = (), t
 
 @dataclasses.dataclass(frozen=True)
 class TrainedPolicy:
-  model: Qwen25VL
+  model: CausalLM
   params: Any
   processor: Processor
   path: Path          # the Hugging Face checkpoint written from it

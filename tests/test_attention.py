@@ -77,7 +77,7 @@ def test_the_training_log_probs_and_their_gradients_agree_through_the_model(kind
   mask[1, :9] = 0                 # a left-padded prompt
   prepared = prepare_inputs(cfg, ids, mask)
   responses = rng.integers(10, 400, size=(4, 20)).astype(np.int32)
-  batch = build_sequences(ids, mask, prepared, prompt_feature_index(ids, cfg.image_token_id, cfg.video_token_id),
+  batch = build_sequences(ids, mask, prepared, prompt_feature_index(ids, cfg.placeholder_token_ids),
                           responses, np.array([20, 13, 7, 20], np.int32), np.zeros((4, 20), np.float32),
                           np.ones(4, np.float32))
   batch = jax.tree.map(jnp.asarray, batch)

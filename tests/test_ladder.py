@@ -64,3 +64,33 @@ def _evaluate_with_the_ladders_own_judge(workdir):
   assert 0.0 <= results["metrics"]["xstest_safe"] <= 1.0
   identity = json.loads((out / "xstest" / "generation.json").read_text())   # the search is part of the run's identity
   assert identity["intervention"]["mode"] == "rerank" and identity["intervention"]["judges"] == {"safety": judge[7:]}
+
+
+@pytest.mark.slow
+def test_text_only_llama_ladder_runs_end_to_end(tmp_path):
+  """The tiny SafeLadder on a text-only Llama 3 (`preset=llama_tiny`, `smoke`: a step or two per stage), through the
+  CLI: every stage trains and hands a Llama checkpoint, which transformers reads, to the next."""
+  import jax
+  import numpy as np
+  import transformers
+  from safework.models import TextLM, from_pretrained
+  command = [sys.executable, "-m", "safework.main", "--config=experiments/tiny_safeladder.py:preset=llama_tiny,smoke",
+             f"--workdir={tmp_path}"]
+  result = subprocess.run(command, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / "report.json").read_text())
+  assert [c["stage"] for c in report["checkpoints"]] == ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"]
+  assert all(0 <= c["safety"] <= 1 and c["response_tokens"] > 0 for c in report["checkpoints"]), report
+  tasks = {key.split("/")[1] for key in report["checkpoints"][0] if key.startswith("task/")}
+  assert "arithmetic" in tasks and not {"colour", "shape", "typographic"} & tasks, report   # no image task
+  stages = tmp_path / "stages"
+  assert transformers.AutoConfig.from_pretrained(stages / "efficient_rl" / "policy").architectures == [
+      "LlamaForCausalLM"]
+  params = []
+  for name in ("sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"):
+    model, stage_params = from_pretrained(stages / name / "policy")
+    assert isinstance(model, TextLM)
+    params.append(stage_params)
+  for before, after in zip(params, params[1:]):   # every RL stage updated the policy
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), before, after)
+    assert max(jax.tree.leaves(moved)) > 0

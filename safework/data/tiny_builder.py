@@ -29,6 +29,7 @@ class TinySuiteConfig(tfds.core.BuilderConfig):
   train: int = 2000
   validation: int = 200
   test: int = 200
+  text_only: bool = False   # no image tasks (for a text-only policy)
 
 
 class TinySuite(tfds.core.GeneratorBasedBuilder):
@@ -43,10 +44,10 @@ class TinySuite(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     c = self.builder_config
-    return {"sft": self._generate_examples(tiny_suite.sft_traces(c.sft, c.seed)),
-            "train": self._generate_examples(tiny_suite.generate("train", c.train, c.seed)),
-            "validation": self._generate_examples(tiny_suite.generate("validation", c.validation, c.seed)),
-            "test": self._generate_examples(tiny_suite.generate("test", c.test, c.seed))}
+    sizes = {"train": c.train, "validation": c.validation, "test": c.test}
+    return {"sft": self._generate_examples(tiny_suite.sft_traces(c.sft, c.seed, c.text_only)),
+            **{split: self._generate_examples(tiny_suite.generate(split, count, c.seed, text_only=c.text_only))
+               for split, count in sizes.items()}}
 
   def _generate_examples(self, rows):
     for i, (example, trace) in enumerate(rows):

@@ -218,13 +218,15 @@ SFT_UNBOXED_RATE = 0.75
 SFT_SEARCH_RATE = 0.5
 SFT_CONFIDENT_GUESS_RATE = 0.7
 SFT_MIX = {**MIX, "search": 0.4}   # the cold-start data asks more search questions (the policy learns the tags)
+IMAGE_KINDS = ("colour", "shape", "typographic")   # left out of a text-only suite (for text-only policies)
 
 
-def generate(split: str, count: int, seed: int, sft: bool = False) -> list[tuple[Example, str]]:
+def generate(split: str, count: int, seed: int, sft: bool = False, text_only: bool = False
+             ) -> list[tuple[Example, str]]:
   """`count` examples of a split with their traces; deterministic in (seed, split). `sft` draws the imperfect
-  cold-start traces (see SFT_UNSAFE_RATES, SFT_UNBOXED_RATE)."""
+  cold-start traces (see SFT_UNSAFE_RATES, SFT_UNBOXED_RATE); `text_only` leaves out the kinds with images."""
   rng = np.random.default_rng([seed, ("train", "validation", "test").index(split), int(sft)])
-  mix = SFT_MIX if sft else MIX
+  mix = {kind: share for kind, share in (SFT_MIX if sft else MIX).items() if not (text_only and kind in IMAGE_KINDS)}
   kinds, weights = list(mix), np.array(list(mix.values()))
   unboxed, unsafe = (SFT_UNBOXED_RATE, SFT_UNSAFE_RATES) if sft else (0.0, None)
   searching = (SFT_SEARCH_RATE, SFT_CONFIDENT_GUESS_RATE) if sft else (1.0, 0.0)
@@ -232,8 +234,8 @@ def generate(split: str, count: int, seed: int, sft: bool = False) -> list[tuple
                    *searching, seed=seed) for _ in range(count)]
 
 
-def sft_traces(count: int, seed: int) -> list[tuple[Example, str]]:
-  return generate("train", count, seed, sft=True)
+def sft_traces(count: int, seed: int, text_only: bool = False) -> list[tuple[Example, str]]:
+  return generate("train", count, seed, sft=True, text_only=text_only)
 
 
 def corpus(seed: int = 0) -> list[str]:

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: `config.json` plus safetensors (single file or sharded with an index).
+"""Hugging Face checkpoints in and out: `config.json` plus safetensors (single file or sharded with an index), for
+every family of `models.families` (chosen by `config.json`'s `model_type`).
 
 Weights are read with `safetensors` only (never pickle), converted tensor by tensor and placed on device at once,
 so the host never holds a second full copy of the model. With shardings, each device's part of a tensor is read
@@ -24,9 +25,8 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from safework.models.config import ModelConfig, from_hf_dict, to_hf_dict
-from safework.models.hf_keys import IGNORED_KEYS, HfTensor, canonical_key, hf_tensor_map
-from safework.models.qwen2_5_vl import Qwen25VL, init_params
+from safework.models.families import build_model, config_from_hf_dict, family_of, init_params
+from safework.models.hf_keys import IGNORED_KEYS, HfTensor
 
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,11 +41,12 @@ class CheckpointError(ValueError):
   """A checkpoint that does not fit the model: lists every missing, unexpected or mis-shaped tensor."""
 
 
-def load_config(path: str | Path) -> ModelConfig:
+def load_config(path: str | Path):
+  """The config of a checkpoint directory's `config.json`, of whichever family its `model_type` names."""
   config_file = Path(path) / "config.json"
   if not config_file.is_file():
     raise CheckpointError(f"{config_file} does not exist: a checkpoint directory needs a config.json")
-  return from_hf_dict(json.loads(config_file.read_text()))
+  return config_from_hf_dict(json.loads(config_file.read_text()))
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
@@ -78,7 +79,7 @@ def _open_safetensors(file: Path):
                           "again from its source") from None
 
 
-def abstract_params(model: Qwen25VL) -> Any:
+def abstract_params(model: nn.Module) -> Any:
   """Shapes, dtypes and logical axes of the model's parameters, without allocating them."""
   return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
 
@@ -102,14 +103,15 @@ def _place(parts: list[tuple[HfTensor, Any]], stacked: bool, shape: tuple[int, .
   return jax.make_array_from_callback(shape, sharding, read)
 
 
-def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dict:
+def load_params(path: str | Path, model: nn.Module, shardings: Any = None) -> dict:
   """Reads a checkpoint's tensors into the parameter tree of `model` (in its `param_dtype`).
 
   `shardings`, when given, is a tree of `jax.sharding.Sharding` like the parameters; each tensor goes straight
   into its sharding.
   """
   targets = _flat(abstract_params(model))
-  table = hf_tensor_map(model.config)
+  family = family_of(model.config)
+  table = family.tensor_map(model.config)
   wanted = {one.key: (param, one) for param, entry in table.items() for _, one in entry.per_layer()}
   flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
   found, unexpected, mismatched = {}, [], {}
@@ -117,7 +119,7 @@ def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dic
     for file in safetensors_files(path):
       f = files.enter_context(_open_safetensors(file))
       for raw_key in f.keys():
-        key = canonical_key(raw_key)
+        key = family.canonical_key(raw_key)
         if key not in wanted:
           tied_copy = key == "lm_head.weight" and model.config.tie_word_embeddings
           if not (tied_copy or IGNORED_KEYS.search(key)):
@@ -136,7 +138,7 @@ def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dic
               if missing == ["lm_head.weight"] else "")
       problems.append(f"{len(missing)} missing tensors{hint}: {missing}")
     if unexpected:
-      problems.append(f"{len(unexpected)} unexpected tensors (is this a Qwen2.5-VL checkpoint?): {unexpected}")
+      problems.append(f"{len(unexpected)} unexpected tensors (is this a {family.name} checkpoint?): {unexpected}")
     if mismatched:
       problems.append(f"{len(mismatched)} tensors with the wrong shape: {list(mismatched.values())}")
     if problems:
@@ -151,13 +153,13 @@ def load_params(path: str | Path, model: Qwen25VL, shardings: Any = None) -> dic
 
 
 def from_pretrained(path: str | Path, dtype=jnp.float32, param_dtype=None, remat_policy: str = "none",
-                    shardings: Any | Callable[[Qwen25VL], Any] = None) -> tuple[Qwen25VL, dict]:
-  """Loads a Hugging Face Qwen2.5-VL checkpoint directory -> (model, params).
+                    shardings: Any | Callable[[nn.Module], Any] = None) -> tuple[nn.Module, dict]:
+  """Loads a Hugging Face checkpoint directory of any known family -> (model, params).
 
   `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: `dtype`). `shardings` is a
   tree of shardings for the parameters, or a function of the model that returns one.
   """
-  model = Qwen25VL(load_config(path), dtype=dtype, param_dtype=param_dtype or dtype, remat_policy=remat_policy)
+  model = build_model(load_config(path), dtype=dtype, param_dtype=param_dtype or dtype, remat_policy=remat_policy)
   if callable(shardings):
     shardings = shardings(model)
   return model, load_params(path, model, shardings)
@@ -182,7 +184,7 @@ def _plan_shards(entries: list[tuple[Any, int | None, HfTensor]], itemsize: int,
   return shards + [current] if current else shards
 
 
-def save_pretrained(path: str | Path, model: Qwen25VL, params: dict, dtype=None, max_shard_bytes: int = 5 << 30,
+def save_pretrained(path: str | Path, model: nn.Module, params: dict, dtype=None, max_shard_bytes: int = 5 << 30,
                     assets_from: str | Path | None = None) -> Path:
   """Writes a checkpoint that `transformers` loads: config.json, safetensors (legacy key layout), and the
   tokenizer/processor files of `assets_from` (e.g. the checkpoint the model came from) when it has them.
@@ -190,7 +192,8 @@ def save_pretrained(path: str | Path, model: Qwen25VL, params: dict, dtype=None,
   Tensors are converted shard by shard; `dtype` defaults to the parameters' own dtype.
   """
   path = Path(path)
-  table = hf_tensor_map(model.config)
+  family = family_of(model.config)
+  table = family.tensor_map(model.config)
   flat = _flat(params)
   if set(flat) != set(table):
     raise CheckpointError(f"params do not match the model: missing {sorted(set(table) - set(flat))}, "
@@ -201,7 +204,7 @@ def save_pretrained(path: str | Path, model: Qwen25VL, params: dict, dtype=None,
   is_writer = jax.process_index() == 0
   if is_writer:
     path.mkdir(parents=True, exist_ok=True)
-    config = to_hf_dict(model.config) | {"dtype": dtype.name}
+    config = family.to_hf_dict(model.config) | {"dtype": dtype.name}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
   weight_map = {}
   for i, shard in enumerate(shards):

@@ -60,7 +60,23 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+  """Llama 3.1's long-context RoPE: low frequencies divided by `factor`, a smooth ramp between the two bands."""
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def validate(self) -> None:
+    if self.high_freq_factor <= self.low_freq_factor:
+      raise ConfigError(f"llama3 rope scaling needs high_freq_factor ({self.high_freq_factor}) > low_freq_factor "
+                        f"({self.low_freq_factor})")
+
+
+@dataclasses.dataclass(frozen=True)
 class TextConfig:
+  """A Qwen2 / Llama decoder. Text-only families use `mrope_section=(head_dim // 2, 0, 0)`: with the three
+  position rows equal, M-RoPE is 1D RoPE."""
   vocab_size: int = 152064
   hidden_size: int = 3584
   intermediate_size: int = 18944
@@ -71,13 +87,17 @@ class TextConfig:
   rope_theta: float = 1e6
   mrope_section: tuple[int, int, int] = (16, 24, 24)
   max_position_embeddings: int = 128000
+  qkv_bias: bool = True                  # Qwen2: q/k/v biased; Llama: `attention_bias` for all four projections
+  output_bias: bool = False
+  explicit_head_dim: int | None = None   # a config's `head_dim` when it is not hidden_size / num_attention_heads
+  rope_scaling: Llama3RopeScaling | None = None
 
   @property
   def head_dim(self) -> int:
-    return self.hidden_size // self.num_attention_heads
+    return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
 
   def validate(self) -> None:
-    if self.hidden_size % self.num_attention_heads:
+    if self.explicit_head_dim is None and self.hidden_size % self.num_attention_heads:
       raise ConfigError(
           f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
     if self.num_attention_heads % self.num_key_value_heads:
@@ -86,6 +106,8 @@ class TextConfig:
     if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
       raise ConfigError(f"mrope_section {list(self.mrope_section)} must have 3 entries summing to head_dim/2 "
                         f"= {self.head_dim // 2}")
+    if self.rope_scaling is not None:
+      self.rope_scaling.validate()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +134,11 @@ class ModelConfig:
       if not 0 <= getattr(self, name) < self.text.vocab_size:
         raise ConfigError(f"{name}={getattr(self, name)} is outside the vocabulary of {self.text.vocab_size}")
     return self
+
+  @property
+  def placeholder_token_ids(self) -> tuple[int, ...]:
+    """The tokens vision features replace, in the order their features are concatenated (images, then videos)."""
+    return self.image_token_id, self.video_token_id
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

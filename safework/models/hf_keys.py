@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from safework.models.config import ModelConfig
+from safework.models.config import ModelConfig, TextConfig
 
 ParamPath = tuple[str, ...]
 
@@ -71,20 +71,20 @@ def _plain(key: str, shape: tuple[int, ...]) -> HfTensor:
   return HfTensor(key, (math.prod(shape),) if len(shape) > 1 else tuple(shape))
 
 
+def _mlp(into: dict, prefix: ParamPath, key: str, dim: int, hidden: int, bias: bool) -> None:
+  for name, shape in (("gate", (dim, hidden)), ("up", (dim, hidden)), ("down", (hidden, dim))):
+    into[prefix + (name, "kernel")] = _linear(f"{key}.{name}_proj.weight", shape, 1)
+    if bias:
+      into[prefix + (name, "bias")] = _plain(f"{key}.{name}_proj.bias", shape[-1:])
+
+
 def hf_tensor_map(cfg: ModelConfig) -> dict[ParamPath, HfTensor]:
   """Every parameter path of `Qwen25VL(cfg)` with its checkpoint tensor (legacy layout)."""
   t, v = cfg.text, cfg.vision
-  d, n, k, h, f = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.intermediate_size
+  d = t.hidden_size
   c, vn, vh, vf = v.hidden_size, v.num_heads, v.head_dim, v.intermediate_size
   wide = c * v.merge_unit
   out: dict[ParamPath, HfTensor] = {}
-  layer: dict[ParamPath, HfTensor] = {}   # one decoder layer; its parameters stack all layers
-
-  def mlp(into: dict, prefix: ParamPath, key: str, dim: int, hidden: int, bias: bool):
-    for name, shape in (("gate", (dim, hidden)), ("up", (dim, hidden)), ("down", (hidden, dim))):
-      into[prefix + (name, "kernel")] = _linear(f"{key}.{name}_proj.weight", shape, 1)
-      if bias:
-        into[prefix + (name, "bias")] = _plain(f"{key}.{name}_proj.bias", shape[-1:])
 
   out[("visual", "patch_embed", "kernel")] = HfTensor(
       "visual.patch_embed.proj.weight", (c, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), 1)
@@ -96,7 +96,7 @@ def hf_tensor_map(cfg: ModelConfig) -> dict[ParamPath, HfTensor]:
   block[p + ("qkv", "bias")] = _plain(f"{key}.attn.qkv.bias", (3, vn, vh))
   block[p + ("proj", "kernel")] = _linear(f"{key}.attn.proj.weight", (vn, vh, c), 2)
   block[p + ("proj", "bias")] = _plain(f"{key}.attn.proj.bias", (c,))
-  mlp(block, p + ("mlp",), f"{key}.mlp", c, vf, bias=True)
+  _mlp(block, p + ("mlp",), f"{key}.mlp", c, vf, bias=True)
   out.update({path: dataclasses.replace(entry, layers=v.depth) for path, entry in block.items()})
   merger = ("visual", "merger")
   out[merger + ("ln_q", "scale")] = _plain("visual.merger.ln_q.weight", (c,))
@@ -104,19 +104,32 @@ def hf_tensor_map(cfg: ModelConfig) -> dict[ParamPath, HfTensor]:
     out[merger + (name, "kernel")] = _linear(f"visual.merger.mlp.{index}.weight", shape, 1)
     out[merger + (name, "bias")] = _plain(f"visual.merger.mlp.{index}.bias", shape[-1:])
 
-  out[("embed_tokens",)] = HfTensor("model.embed_tokens.weight", (t.vocab_size, d))
-  p, key = ("decoder", "layers"), "model.layers.{layer}"
+  out.update(language_model_tensors(t, cfg.tie_word_embeddings))
+  return out
+
+
+def language_model_tensors(t: TextConfig, tied: bool, key_prefix: str = "model", head_key: str = "lm_head.weight"
+                           ) -> dict[ParamPath, HfTensor]:
+  """The decoder's parameters (embeddings, stacked layers, final norm, output head) with their checkpoint tensors;
+  `key_prefix` is where the checkpoint keeps the decoder, `head_key` its output head."""
+  d, n, k, h, f = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.intermediate_size
+  out: dict[ParamPath, HfTensor] = {("embed_tokens",): HfTensor(f"{key_prefix}.embed_tokens.weight", (t.vocab_size, d))}
+  layer: dict[ParamPath, HfTensor] = {}   # one decoder layer; its parameters stack all layers
+  p, key = ("decoder", "layers"), f"{key_prefix}.layers.{{layer}}"
   layer[p + ("input_norm", "scale")] = _plain(f"{key}.input_layernorm.weight", (d,))
   layer[p + ("post_attention_norm", "scale")] = _plain(f"{key}.post_attention_layernorm.weight", (d,))
   for name, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
     layer[p + (name, "kernel")] = _linear(f"{key}.self_attn.{name}.weight", (d, heads, h), 1)
-    layer[p + (name, "bias")] = _plain(f"{key}.self_attn.{name}.bias", (heads, h))
+    if t.qkv_bias:
+      layer[p + (name, "bias")] = _plain(f"{key}.self_attn.{name}.bias", (heads, h))
   layer[p + ("o_proj", "kernel")] = _linear(f"{key}.self_attn.o_proj.weight", (n, h, d), 2)
-  mlp(layer, p + ("mlp",), f"{key}.mlp", d, f, bias=False)
+  if t.output_bias:
+    layer[p + ("o_proj", "bias")] = _plain(f"{key}.self_attn.o_proj.bias", (d,))
+  _mlp(layer, p + ("mlp",), f"{key}.mlp", d, f, bias=False)
   out.update({path: dataclasses.replace(entry, layers=t.num_hidden_layers) for path, entry in layer.items()})
-  out[("decoder", "norm", "scale")] = _plain("model.norm.weight", (d,))
-  if not cfg.tie_word_embeddings:
-    out[("lm_head",)] = HfTensor("lm_head.weight", (t.vocab_size, d))
+  out[("decoder", "norm", "scale")] = _plain(f"{key_prefix}.norm.weight", (d,))
+  if not tied:
+    out[("lm_head",)] = HfTensor(head_key, (t.vocab_size, d))
   return out
 
 

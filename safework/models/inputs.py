@@ -1,15 +1,22 @@
 """Host-side preparation of a model call: positions and vision layouts, validated against the prompt.
 
 `prepare_inputs` runs in numpy on concrete arrays. Outside `jit`, the model calls it itself; a jitted caller runs
-it once on the host and passes the result (a pytree of arrays) into the jitted function.
+it once on the host and passes the result (a pytree of arrays) into the jitted function. It dispatches on the
+model's config type, so callers never ask which family they hold.
 """
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from safework.models.config import ModelConfig
+from safework.models.internvl_config import InternVLConfig
+from safework.models.text_lm_config import TextLMConfig
 from safework.models.rope_index import get_rope_index
 from safework.models.vision_layout import VisionLayout, num_patches, patch_bucket, validate_grid, vision_layout
 from safework.models.vision_shards import ShardAxes, ShardedLayout, shard_layout
@@ -52,21 +59,80 @@ def _check_placeholders(cfg: ModelConfig, input_ids: np.ndarray, token: int, gri
                        f"{num_patches(grid)} patches")
 
 
-def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
-                   second_per_grid_ts=None, pixel_values=None, pixel_values_videos=None,
-                   padding_images: int = 0, vision_shards: ShardAxes | None = None) -> PreparedInputs:
-  """Positions, rope deltas and vision layouts for one batch, checked against the placeholders.
+def text_positions(attention_mask) -> jax.Array:
+  """1D positions [3, B, T] (three equal rows: 1D RoPE as M-RoPE) of a mask [B, T]: each token's index among its
+  row's valid tokens, as `generate` numbers a left-padded batch (left pads get 0); traceable under jit."""
+  rows = jnp.maximum(jnp.cumsum(jnp.asarray(attention_mask, jnp.int32), axis=-1) - 1, 0)
+  return jnp.broadcast_to(rows[None], (3, *rows.shape))
 
-  The last `padding_images` images are padding (see `pad_images`): encoded, but matched to no placeholder. With
-  `vision_shards` the layouts deal the images to that many shards (`models.encode_vision` then encodes them
-  data-parallel; see `models.vision_shards`).
-  """
+
+def _ids_and_mask(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray | None]:
   ids = _concrete(input_ids, "input_ids")
   if ids.ndim != 2:
     raise ValueError(f"input_ids must have shape [batch, length], got {ids.shape}")
   mask = _concrete(attention_mask, "attention_mask")
   if mask is not None and mask.shape != ids.shape:
     raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+  return ids, mask
+
+
+@functools.singledispatch
+def prepare_inputs(cfg, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                   second_per_grid_ts=None, pixel_values=None, pixel_values_videos=None,
+                   padding_images: int = 0, vision_shards: ShardAxes | None = None) -> PreparedInputs:
+  """Positions, rope deltas and vision layouts for one batch of the model of config `cfg`."""
+  raise TypeError(f"no input preparation for a {type(cfg).__name__}; a model family registers one")
+
+
+@prepare_inputs.register
+def _text_only(cfg: TextLMConfig, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+               second_per_grid_ts=None, pixel_values=None, pixel_values_videos=None,
+               padding_images: int = 0, vision_shards: ShardAxes | None = None) -> PreparedInputs:
+  """1D positions over the unpadded tokens; a text-only model takes no images or videos."""
+  ids, mask = _ids_and_mask(input_ids, attention_mask)
+  if any(x is not None for x in (image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos)):
+    raise ValueError(f"the policy is a text-only {cfg.model_type} model: it cannot read images or videos; drop them "
+                     "from the data, or start from a vision-language checkpoint")
+  positions = np.asarray(text_positions(np.ones(ids.shape, bool) if mask is None else mask))
+  return PreparedInputs(positions=positions, rope_deltas=np.zeros(ids.shape[0], np.int32))
+
+
+def check_tiles(cfg: InternVLConfig, input_ids, pixel_shape: tuple[int, ...] | None) -> None:
+  """The prompt holds one placeholder per token its tiles [N, 3, S, S] encode to (transformers raises too)."""
+  tiles, side = (0, 0) if pixel_shape is None else (pixel_shape[0], pixel_shape[-1])
+  per_tile = (side // (cfg.vision.patch_size * cfg.shuffle_factor))**2
+  found = int((np.asarray(input_ids) == cfg.image_token_id).sum())
+  if found != tiles * per_tile:
+    raise ValueError(f"input_ids hold {found} image placeholders (id {cfg.image_token_id}) but the {tiles} tiles "
+                     f"encode to {tiles * per_tile} tokens ({per_tile} per tile); expand each image's placeholder "
+                     "with processing.internvl_images.expand_image_placeholders")
+
+
+@prepare_inputs.register
+def _internvl(cfg: InternVLConfig, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+              second_per_grid_ts=None, pixel_values=None, pixel_values_videos=None,
+              padding_images: int = 0, vision_shards: ShardAxes | None = None) -> PreparedInputs:
+  """1D positions; InternVL's images are tiles [N, 3, S, S], each encoded on its own (no layout)."""
+  ids, mask = _ids_and_mask(input_ids, attention_mask)
+  if any(x is not None for x in (image_grid_thw, video_grid_thw, pixel_values_videos)) or padding_images:
+    raise ValueError("InternVL reads images as tiles (pixel_values [tiles, 3, S, S], no grids, no videos): "
+                     "prepare them with safework.processing.internvl_images")
+  check_tiles(cfg, ids, None if pixel_values is None else np.shape(pixel_values))
+  positions = np.asarray(text_positions(np.ones(ids.shape, bool) if mask is None else mask))
+  return PreparedInputs(positions=positions, rope_deltas=np.zeros(ids.shape[0], np.int32))
+
+
+@prepare_inputs.register
+def _qwen2_5_vl(cfg: ModelConfig, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                second_per_grid_ts=None, pixel_values=None, pixel_values_videos=None,
+                padding_images: int = 0, vision_shards: ShardAxes | None = None) -> PreparedInputs:
+  """Positions, rope deltas and vision layouts for one batch, checked against the placeholders.
+
+  The last `padding_images` images are padding (see `pad_images`): encoded, but matched to no placeholder. With
+  `vision_shards` the layouts deal the images to that many shards (`models.encode_vision` then encodes them
+  data-parallel; see `models.vision_shards`).
+  """
+  ids, mask = _ids_and_mask(input_ids, attention_mask)
   merge = cfg.vision.spatial_merge_size
   image_grid = _concrete(image_grid_thw, "image_grid_thw")
   image_grid = None if image_grid is None else validate_grid(image_grid, merge, "image_grid_thw")

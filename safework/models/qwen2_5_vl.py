@@ -111,7 +111,7 @@ class Qwen25VL(nn.Module):
 def encode_vision(model: Qwen25VL, params, pixel_values: jax.Array, layout: VisionLayout | ShardedLayout
                   ) -> jax.Array:
   """Features [M, D] of the images (or videos) of `layout`; a `ShardedLayout`'s shards encode data-parallel."""
-  encode = lambda p, pixels, one_layout: model.apply({"params": p}, pixels, one_layout, method=Qwen25VL.encode_vision)
+  encode = lambda p, pixels, one_layout: model.apply({"params": p}, pixels, one_layout, method="encode_vision")
   if isinstance(layout, ShardedLayout):
     return encode_sharded(encode, params, pixel_values, layout)
   return encode(params, pixel_values, layout)
@@ -123,11 +123,6 @@ def dummy_inputs(cfg: ModelConfig) -> dict[str, np.ndarray]:
   grid = np.array([[1, merge, merge]])
   return dict(input_ids=np.array([[cfg.image_token_id]], np.int32),
               pixel_values=np.zeros((merge * merge, cfg.vision.patch_dim), np.float32), image_grid_thw=grid)
-
-
-def init_params(model: Qwen25VL, rng: jax.Array):
-  """Randomly initialised parameters (boxed with their logical axes); jit-able (the dummy inputs are constants)."""
-  return model.init(rng, **dummy_inputs(model.config))["params"]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "return_hidden"))

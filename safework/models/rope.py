@@ -1,4 +1,5 @@
-"""Rotary position embeddings: M-RoPE for the decoder, 2D axial RoPE for the vision tower.
+"""Rotary position embeddings: M-RoPE for the decoder (1D RoPE when its three position rows agree), 2D axial RoPE
+for the vision tower, and Llama 3.1's frequency scaling.
 
 Both use the half-split (NeoX) pairing: dimension i rotates with dimension i + H/2, and the cos/sin tables are
 `concat(f, f)`. Frequencies are computed in fp32 with the same formula as transformers (the table agrees with
@@ -27,14 +28,33 @@ def inv_frequencies(theta: float, dim: int) -> np.ndarray:
   return (1.0 / np.float64(theta) ** exponent).astype(np.float32)
 
 
+def llama3_scaled(inv_freq: np.ndarray, scaling) -> np.ndarray:
+  """Llama 3.1's long-context frequencies (a `config.Llama3RopeScaling`), in fp32 step by step as transformers
+  computes them: wavelengths above `original / low_freq_factor` slow down by `factor`, those below
+  `original / high_freq_factor` are kept, and the band between ramps smoothly from one to the other."""
+  f32 = np.float32
+  original = f32(scaling.original_max_position_embeddings)
+  low_wavelength = original / f32(scaling.low_freq_factor)
+  high_wavelength = original / f32(scaling.high_freq_factor)
+  wavelength = f32(2 * np.pi) / inv_freq
+  scaled = np.where(wavelength > low_wavelength, inv_freq / f32(scaling.factor), inv_freq)
+  smooth = (original / wavelength - f32(scaling.low_freq_factor)) / (
+      f32(scaling.high_freq_factor) - f32(scaling.low_freq_factor))
+  smoothed = (f32(1) - smooth) * scaled / f32(scaling.factor) + smooth * scaled
+  medium = ~(wavelength < high_wavelength) & ~(wavelength > low_wavelength)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
 def mrope_cos_sin(positions: jax.Array, theta: float, head_dim: int, mrope_section: Sequence[int],
-                  dtype) -> tuple[jax.Array, jax.Array]:
+                  dtype, scaling=None) -> tuple[jax.Array, jax.Array]:
   """cos/sin tables [B, T, H] for M-RoPE from positions [3, B, T] (temporal, height, width).
 
   Frequency j takes its angle from one axis: contiguous chunks of `mrope_section` (t | h | w), not interleaved.
-  The tables are computed in fp32 and cast to the activation dtype, as transformers does.
+  The tables are computed in fp32 and cast to the activation dtype, as transformers does. `scaling`: a
+  `config.Llama3RopeScaling`, or None.
   """
-  inv_freq = jnp.asarray(inv_frequencies(theta, head_dim))
+  inv_freq = inv_frequencies(theta, head_dim)
+  inv_freq = jnp.asarray(inv_freq if scaling is None else llama3_scaled(inv_freq, scaling))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq           # [3, B, T, H/2]
   bounds = np.cumsum([0, *mrope_section])
   chosen = jnp.concatenate([freqs[axis, ..., bounds[axis]:bounds[axis + 1]] for axis in range(3)], axis=-1)

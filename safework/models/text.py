@@ -1,4 +1,5 @@
-"""The Qwen2 decoder with M-RoPE: GQA attention (q/k/v bias, no o bias), SwiGLU MLP, RMSNorm.
+"""The Qwen2 / Llama decoder with M-RoPE: GQA attention (Qwen2: q/k/v bias, no o bias; Llama: all four biased or
+none), SwiGLU MLP, RMSNorm.
 
 The layers are one `nn.scan` over a layer stacked along a leading "layers" axis, so compile time does not grow
 with depth (80 layers at 72B); `models.hf_keys` maps the stacked parameters to Hugging Face's per-layer tensors.
@@ -80,8 +81,10 @@ class DecoderLayer(nn.Module):
     norm = lambda name: RMSNorm(d, cfg.rms_norm_eps, name=name, **common)
 
     y = norm("input_norm")(x)
-    q = Einsum("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), bias_rank=2, name="q_proj", **common)(y)
-    kv = dict(equation="btd,dkh->btkh", shape=(d, k, h), axes=("embed", "kv_heads", "head_dim"), bias_rank=2)
+    qkv_bias = 2 if cfg.qkv_bias else 0
+    q = Einsum("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), bias_rank=qkv_bias, name="q_proj",
+               **common)(y)
+    kv = dict(equation="btd,dkh->btkh", shape=(d, k, h), axes=("embed", "kv_heads", "head_dim"), bias_rank=qkv_bias)
     keys = Einsum(**kv, name="k_proj", **common)(y)
     values = Einsum(**kv, name="v_proj", **common)(y)
     q, keys = rope.apply_rope(q, cos, sin), rope.apply_rope(keys, cos, sin)
@@ -96,7 +99,8 @@ class DecoderLayer(nn.Module):
       else:                          # the block attends its own keys only (a prefill of an empty cache)
         query_start = 0
     attended = attend(q, keys, values, key_valid, query_start, self.attention)
-    x = x + Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **common)(attended)
+    x = x + Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), bias_rank=int(cfg.output_bias),
+                   name="o_proj", **common)(attended)
     mlp = GatedMLP(d, cfg.intermediate_size, use_bias=False, name="mlp", **common)
     return (x + mlp(norm("post_attention_norm")(x)), cache), None
 
@@ -122,7 +126,8 @@ class TextDecoder(nn.Module):
     cfg = self.cfg
     if self.attention not in ATTENTION:
       raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION}")
-    cos, sin = rope.mrope_cos_sin(positions, cfg.rope_theta, cfg.head_dim, cfg.mrope_section, self.dtype)
+    cos, sin = rope.mrope_cos_sin(positions, cfg.rope_theta, cfg.head_dim, cfg.mrope_section, self.dtype,
+                                  cfg.rope_scaling)
     layer = remat_module(DecoderLayer, self.remat_policy, in_scan=True, static_argnums=(7,))   # attend_slots
     layers = nn.scan(layer, variable_axes={"params": 0},
                      split_rngs={"params": True}, length=cfg.num_hidden_layers,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from safework import sharding
 from safework.experiment import settings
-from safework.models import Qwen25VL, get_preset
+from safework.models import build_model, family_of, get_preset
 from safework.models.checkpoint import load_config
 from safework.plan.programs import JudgeShape, StagePrograms, bytes_per_device
 from safework.plan.report import Plan, ProgramCost
@@ -147,7 +147,7 @@ def judge_shapes(reward: RewardSpec) -> tuple[JudgeShape, ...]:
       raise ValueError(f"verifier {names[0]!r} has neither a path nor a preset: the planner needs its shape (set "
                        f"reward.verifiers.{names[0]}.preset, e.g. '7b')")
     dtype = jnp.dtype(spec.dtype)
-    shapes.append(JudgeShape("+".join(names), weights, Qwen25VL(config, dtype=dtype, param_dtype=dtype), head,
+    shapes.append(JudgeShape("+".join(names), weights, build_model(config, dtype=dtype, param_dtype=dtype), head,
                              batch_size, max_length))
   return tuple(shapes)
 
@@ -163,7 +163,9 @@ def plan_stage(config: Mapping[str, Any], topology: Topology, log: Callable[[str
   devices = devices_of(topology)
   mesh = sharding.make_mesh(dict(config["mesh"]), devices=devices)
   rules = sharding.rules_of(config["sharding_rules"])
-  builder = StagePrograms(policy_model(policy), mesh, rules, policy.max_pixels, policy.remat)
+  model = policy_model(policy)
+  pixels = policy.max_pixels if family_of(model.config).reads_images else 0   # a text-only policy: text prompts
+  builder = StagePrograms(model, mesh, rules, pixels, policy.remat)
   if isinstance(stage, RLStage):
     programs = builder.rl(stage, judge_shapes(stage.reward) if stage.reward else ())
   else:

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from safework import sharding
-from safework.models import Qwen25VL
+from safework.models import CausalLM
 from safework.models.checkpoint import abstract_params
 from safework.models.config import ModelConfig
 from safework.models.inputs import filler_grid, prepare_inputs
@@ -78,7 +78,7 @@ def on_mesh(tree: Any, sharding_of: Callable[[Any], NamedSharding]) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_of(x)), tree)
 
 
-def sharded_params(model: Qwen25VL, mesh: Mesh, rules: sharding.Rules, dtype=None) -> Any:
+def sharded_params(model: CausalLM, mesh: Mesh, rules: sharding.Rules, dtype=None) -> Any:
   """The model's parameters as sharded ShapeDtypeStructs (in `dtype` when given), as `policy_params` places them."""
   boxed = abstract_params(model)
   shardings = sharding.param_shardings(boxed, mesh, rules)
@@ -137,7 +137,7 @@ def _vision_inputs(cfg: ModelConfig, arrays: dict[str, np.ndarray], shards: Shar
   return prepared, vision
 
 
-def _features_struct(model: Qwen25VL, arrays: dict[str, np.ndarray], replicated) -> jax.ShapeDtypeStruct | None:
+def _features_struct(model: CausalLM, arrays: dict[str, np.ndarray], replicated) -> jax.ShapeDtypeStruct | None:
   if "pixel_values" not in arrays:
     return None
   merged = int((arrays["input_ids"] == model.config.image_token_id).sum())
@@ -161,7 +161,7 @@ class JudgeShape:
   of one checkpoint share it)."""
   name: str
   weights: str
-  model: Qwen25VL
+  model: CausalLM
   head: str
   batch_size: int
   max_length: int
@@ -170,7 +170,7 @@ class JudgeShape:
 class StagePrograms:
   """Builds the programs of one stage on one mesh."""
 
-  def __init__(self, model: Qwen25VL, mesh: Mesh, rules: sharding.Rules, max_pixels: int, remat: str):
+  def __init__(self, model: CausalLM, mesh: Mesh, rules: sharding.Rules, max_pixels: int, remat: str):
     self.model, self.mesh, self.rules, self.max_pixels, self.remat = model, mesh, rules, max_pixels, remat
     self.replicated = sharding.replicated(mesh)
     self.params = sharded_params(model, mesh, rules)
@@ -183,7 +183,7 @@ class StagePrograms:
   def _host(self, tree):
     return on_mesh(tree, lambda _: self.replicated)
 
-  def _vision_work(self, model: Qwen25VL, images: int, prompt_length: int) -> costs.Work:
+  def _vision_work(self, model: CausalLM, images: int, prompt_length: int) -> costs.Work:
     if not self.max_pixels:
       return costs.Work(0.0, 0.0)
     side = image_side(model.config, self.max_pixels, prompt_length)

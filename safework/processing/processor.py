@@ -27,7 +27,7 @@ class PromptTooLongError(ValueError):
 
 
 class Processor:
-  """Turns chat messages, images and videos into the arrays `Qwen25VL` takes."""
+  """Turns chat messages, images and videos into the arrays the models take (`models.prepare_inputs` checks them)."""
 
   def __init__(self, tokenizer: transformers.PreTrainedTokenizerBase, image_settings: VisionSettings = VisionSettings(),
                video_settings: VisionSettings = VIDEO_SETTINGS, video_fps: float | None = 2.0):

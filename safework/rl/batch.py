@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from safework.models.inputs import PreparedInputs, prepare_inputs
-from safework.models.qwen2_5_vl import Qwen25VL, encode_vision
+from safework.models.protocol import CausalLM
+from safework.models.qwen2_5_vl import encode_vision
 from safework.models.vision_layout import VisionLayout
 from safework.models.vision_shards import ShardAxes, ShardedLayout
 from safework.sampling.prompts import PromptBatch
@@ -98,7 +99,7 @@ def micro_batch_layout(rows: np.ndarray, lengths: np.ndarray, micro_batches: int
   return by_length.reshape(micro_batches, -1).T.reshape(-1)
 
 
-def vision_features(model: Qwen25VL, params, vision: VisionInputs) -> jax.Array | None:
+def vision_features(model: CausalLM, params, vision: VisionInputs) -> jax.Array | None:
   """Features [M, D] of all images then all videos of the rollout's prompts (None without vision)."""
   parts = []
   if vision.pixel_values is not None:
@@ -108,12 +109,15 @@ def vision_features(model: Qwen25VL, params, vision: VisionInputs) -> jax.Array 
   return jnp.concatenate(parts) if parts else None
 
 
-def prompt_feature_index(input_ids: np.ndarray, image_token_id: int, video_token_id: int) -> np.ndarray:
-  """[P, Lp]: for each placeholder token, its row among (all image features, then all video features); -1 else."""
-  is_image, is_video = input_ids == image_token_id, input_ids == video_token_id
+def prompt_feature_index(input_ids: np.ndarray, placeholder_ids: tuple[int, ...]) -> np.ndarray:
+  """[P, Lp]: for each placeholder token, its row among the features of each kind in turn (all image features,
+  then all video features); -1 elsewhere."""
   index = np.full(input_ids.shape, -1, np.int32)
-  index[is_image] = np.arange(is_image.sum())
-  index[is_video] = is_image.sum() + np.arange(is_video.sum())
+  start = 0
+  for token in placeholder_ids:
+    is_token = input_ids == token
+    index[is_token] = start + np.arange(is_token.sum())
+    start += int(is_token.sum())
   return index
 
 
@@ -151,7 +155,7 @@ def prompt_sequences(prompts: PromptBatch, model_config, responses: np.ndarray, 
   prepared = prepare_inputs(model_config, p.input_ids, p.attention_mask, p.image_grid_thw, p.video_grid_thw,
                             p.second_per_grid_ts, p.pixel_values, p.pixel_values_videos, p.padding_images,
                             vision_shards)
-  index = prompt_feature_index(p.input_ids, model_config.image_token_id, model_config.video_token_id)
+  index = prompt_feature_index(p.input_ids, model_config.placeholder_token_ids)
   batch = build_sequences(p.input_ids, p.attention_mask, prepared, index, responses, response_lengths, sampler_logp,
                           advantages, loss_mask)
   vision = VisionInputs(pixel_values=p.pixel_values, image_layout=prepared.image_layout,

@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.protocol import CausalLM
 from safework.rl.batch import SequenceBatch
 
 
@@ -51,21 +51,21 @@ def chunked_token_logprobs(hidden: jax.Array, output_embedding: jax.Array, targe
   return unchunk(logp), unchunk(entropy)
 
 
-def response_logprobs(model: Qwen25VL, params, batch: SequenceBatch, features: jax.Array | None,
+def response_logprobs(model: CausalLM, params, batch: SequenceBatch, features: jax.Array | None,
                       chunk: int, vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Log-probs and entropies [B, N] of each row's response tokens under `params` (over the first `vocab_limit`
   ids when given: the tokenizer's vocabulary, as the sampler draws)."""
   apply = functools.partial(model.apply, {"params": params})
-  embeds = apply(batch.input_ids, method=Qwen25VL.embed)
+  embeds = apply(batch.input_ids, method="embed")
   if features is not None:
     has_feature = batch.feature_index >= 0
     looked_up = features[jnp.maximum(batch.feature_index, 0)].astype(embeds.dtype)
     embeds = jnp.where(has_feature[..., None], looked_up, embeds)
   length = batch.input_ids.shape[1]
-  hidden, _ = apply(embeds, batch.positions.transpose(1, 0, 2), batch.attention_mask, method=Qwen25VL.decode)
+  hidden, _ = apply(embeds, batch.positions.transpose(1, 0, 2), batch.attention_mask, method="decode")
   n = batch.response_length
   # Position P - 1 + j predicts response token j.
-  return chunked_token_logprobs(hidden[:, length - n - 1:length - 1], apply(method=Qwen25VL.output_embedding),
+  return chunked_token_logprobs(hidden[:, length - n - 1:length - 1], apply(method="output_embedding"),
                                 batch.input_ids[:, length - n:], chunk, vocab_limit)
 
 
@@ -74,7 +74,7 @@ def bucketed_widths(bucket: int, full: int) -> tuple[int, ...]:
   return tuple(bucket << k for k in range(full.bit_length()) if bucket << k < full) if bucket else ()
 
 
-def narrowed_logprobs(model: Qwen25VL, params, batch: SequenceBatch, features: jax.Array | None, chunk: int,
+def narrowed_logprobs(model: CausalLM, params, batch: SequenceBatch, features: jax.Array | None, chunk: int,
                       vocab_limit: int | None, widths: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
   """`response_logprobs` computed over the narrowest of `widths` (and the full width) that holds the batch's longest
   response, zero beyond it: a micro-batch of short responses costs its own length, not the rollout's longest. All

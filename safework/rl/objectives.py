@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.protocol import CausalLM
 from safework.rl import losses
 from safework.rl.batch import SequenceBatch, VisionContext, vision_features
 from safework.rl.logprobs import narrowed_logprobs
@@ -31,7 +31,7 @@ def sequence_totals(batch: SequenceBatch) -> tuple[jax.Array, jax.Array]:
 
 @dataclasses.dataclass(frozen=True)
 class _ResponseObjective:
-  model: Qwen25VL
+  model: CausalLM
   logprob_chunk: int = 256
   vision_trainable: bool = False
   vocab_limit: int | None = None   # the tokenizer's size: ids beyond it are not in the policy's distribution
@@ -77,7 +77,7 @@ class CrossEntropyObjective(_ResponseObjective):
     return -(logp * micro.loss_mask).sum() / num_tokens, {"entropy": (entropy * micro.loss_mask).sum() / num_tokens}
 
 
-def make_logprob_fn(model: Qwen25VL, micro_batches: int, chunk: int, vocab_limit: int | None = None,
+def make_logprob_fn(model: CausalLM, micro_batches: int, chunk: int, vocab_limit: int | None = None,
                     response_widths: tuple[int, ...] = ()) -> Callable:
   """`(params, batch, features) -> log-probs [B, N]` of the response tokens, micro-batch by micro-batch (each over
   the narrowest of `response_widths` holding it)."""

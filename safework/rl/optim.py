@@ -43,8 +43,13 @@ def _labels(params, prefixes: tuple[str, ...]):
 
 
 def check_prefixes(params, prefixes: tuple[str, ...]) -> None:
+  """Every prefix must name parameters, except one under a vision tower ("visual") of a model that has none: a
+  text-only policy has no vision tower to freeze."""
   paths = list(traverse_util.flatten_dict(params, sep="/"))
+  has_vision = any("visual" in p.split("/") for p in paths)
   for prefix in prefixes:
+    if not has_vision and "visual" in prefix.split("/"):
+      continue
     if not any(p == prefix or p.startswith(prefix.rstrip("/") + "/") for p in paths):
       raise ValueError(f"freeze prefix {prefix!r} matches no parameter; top-level names are "
                        f"{sorted({p.split('/')[0] for p in paths})}")

@@ -17,7 +17,7 @@ import numpy as np
 from safework import sharding
 from safework.distributed import host_array
 from safework.data.example import PromptSource, ShuffledStream
-from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.protocol import CausalLM
 from safework.models.vision_shards import shard_axes
 from safework.processing import Processor
 from safework.rewards.base import RewardFunction
@@ -33,7 +33,7 @@ from safework.verifiers.calibration import calibration_metrics
 
 
 class RolloutSource:
-  def __init__(self, *, model: Qwen25VL, processor: Processor, prompts: PromptSource, reward_fn: RewardFunction,
+  def __init__(self, *, model: CausalLM, processor: Processor, prompts: PromptSource, reward_fn: RewardFunction,
                settings: RolloutSettings, loss: losses.LossSettings, sampling: SamplingSettings, seed: int,
                mesh: jax.sharding.Mesh, rules: sharding.Rules, micro_batch_size: int, logprob_chunk: int,
                vision_trainable: bool, ref_params=None, tools: ToolUse | None = None,

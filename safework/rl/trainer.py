@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from safework import sharding
 from safework.data.example import PromptSource
-from safework.models.qwen2_5_vl import Qwen25VL
+from safework.models.protocol import CausalLM
 from safework.processing import Processor
 from safework.rewards.base import RewardFunction
 from safework.rl import losses
@@ -26,7 +26,7 @@ from safework.training import Trainer, TrainSettings, TrainState
 class RLTrainer:
   """Takes over `params` (the first step donates their buffers); `run()` returns the final train state."""
 
-  def __init__(self, *, model: Qwen25VL, params, processor: Processor, prompts: PromptSource,
+  def __init__(self, *, model: CausalLM, params, processor: Processor, prompts: PromptSource,
                reward_fn: RewardFunction, rollout: RolloutSettings, loss: losses.LossSettings, optim: OptimSettings,
                train: TrainSettings, seed: int, workdir: str | Path, mesh: jax.sharding.Mesh,
                rules: sharding.Rules = sharding.DEFAULT_RULES, tools: ToolUse | None = None,

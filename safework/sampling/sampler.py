@@ -23,7 +23,8 @@ import numpy as np
 
 from safework import sharding
 from safework.models.inputs import PreparedInputs, prepare_inputs
-from safework.models.qwen2_5_vl import Qwen25VL, encode_vision
+from safework.models.protocol import CausalLM
+from safework.models.qwen2_5_vl import encode_vision
 from safework.models.vision_shards import shard_axes
 from safework.models.text import KVCache
 from safework.sampling import tokens as token_ops
@@ -113,14 +114,10 @@ def _write_rows(full: DecodeState, rows: jax.Array, state: DecodeState) -> Decod
                       done=put(full.done, state.done))
 
 
-
-
-
-
 class Sampler:
   """Generation for one model; jitted functions are compiled per shape and settings, and reused."""
 
-  def __init__(self, model: Qwen25VL, mesh: jax.sharding.Mesh | None = None,
+  def __init__(self, model: CausalLM, mesh: jax.sharding.Mesh | None = None,
                rules: sharding.Rules = sharding.DEFAULT_RULES, cache_dtype=None, min_span: int = 128,
                compaction_levels: int = 3):
     self.model = model
@@ -172,8 +169,8 @@ class Sampler:
     window = window or prefix.capacity
     attended, slots = (valid, None) if empty else (key_valid[:, :window], window)
     hidden, cache = self.model.apply({"params": params}, embeds, positions, attended, prefix.cache, prefix.write_index,
-                                     slots, method=Qwen25VL.decode)
-    logits = self.model.apply({"params": params}, hidden[:, -1:], method=Qwen25VL.logits)[:, 0].astype(jnp.float32)
+                                     slots, method="decode")
+    logits = self.model.apply({"params": params}, hidden[:, -1:], method="logits")[:, 0].astype(jnp.float32)
     wrote = jnp.any(valid, axis=1)
     return self._constrain_prefix(Prefix(
         cache=cache, key_valid=key_valid, write_index=prefix.write_index + n,
@@ -196,7 +193,7 @@ class Sampler:
       image_features = encode_vision(self.model, params, pixel_values, prepared.image_layout)
     if pixel_values_videos is not None:
       video_features = encode_vision(self.model, params, pixel_values_videos, prepared.video_layout)
-    embeds = apply(input_ids, image_features, video_features, method=Qwen25VL.embed)
+    embeds = apply(input_ids, image_features, video_features, method="embed")
     valid = attention_mask.astype(bool)
     prefix = self._advance(params, self._empty_prefix(input_ids.shape[0], capacity), embeds, prepared.positions, valid,
                            empty=True)
@@ -205,7 +202,7 @@ class Sampler:
 
   def _extend_fn(self, params, prefix: Prefix, tokens: jax.Array, valid: jax.Array, window: int | None = None
                  ) -> Prefix:
-    embeds = self.model.apply({"params": params}, tokens, method=Qwen25VL.embed)
+    embeds = self.model.apply({"params": params}, tokens, method="embed")
     offsets = jnp.cumsum(valid, axis=1) - 1
     positions = jnp.where(valid, prefix.next_position[:, None] + offsets, 0)
     return self._advance(params, prefix, embeds, jnp.broadcast_to(positions, (3,) + tokens.shape), valid,

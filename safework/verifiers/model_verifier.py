@@ -19,7 +19,8 @@ from safework import sharding
 from safework.distributed import host_array
 from safework.data.example import Example
 from safework.models.inputs import PreparedInputs, prepare_inputs
-from safework.models.qwen2_5_vl import Qwen25VL, encode_vision
+from safework.models.protocol import CausalLM
+from safework.models.qwen2_5_vl import encode_vision
 from safework.models.vision_shards import shard_axes
 from safework.processing import Processor
 from safework.sampling.shapes import bucket_length, pad_left
@@ -51,19 +52,20 @@ class JudgePixels:
   videos: jax.Array | None = None
 
 
-def hidden_at_last(model: Qwen25VL, params, input_ids, attention_mask, pixels: JudgePixels, prepared) -> jax.Array:
+def hidden_at_last(model: CausalLM, params, input_ids, attention_mask, pixels: JudgePixels, prepared) -> jax.Array:
   """Final hidden state at the last (verdict) position of left-padded prompts: [B, D]."""
   encode = lambda values, layout: None if values is None else encode_vision(model, params, values, layout)
-  hidden = model.apply({"params": params}, input_ids, attention_mask, prepared=prepared, return_hidden=True,
-                       image_features=encode(pixels.images, prepared.image_layout),
-                       video_features=encode(pixels.videos, prepared.video_layout))
+  apply = functools.partial(model.apply, {"params": params})
+  embeds = apply(input_ids, encode(pixels.images, prepared.image_layout), encode(pixels.videos, prepared.video_layout),
+                 method="embed")
+  hidden, _ = apply(embeds, prepared.positions, attention_mask, method="decode")
   return hidden[:, -1]
 
 
 class ModelVerifier:
   """Scores (question, images, final answer[, gold]) with a judge model; callable as a reward scorer."""
 
-  def __init__(self, model: Qwen25VL, params, processor: Processor, spec: JudgeSpec, head: str = "verdict",
+  def __init__(self, model: CausalLM, params, processor: Processor, spec: JudgeSpec, head: str = "verdict",
                head_params: dict | None = None, mesh: jax.sharding.Mesh | None = None,
                rules: sharding.Rules = sharding.DEFAULT_RULES, batch_size: int = 16, max_length: int = 2048,
                bucket_images: int = IMAGE_BUCKETS):
@@ -74,7 +76,7 @@ class ModelVerifier:
     self.batch_size, self.max_length, self.bucket_images = batch_size, max_length, bucket_images
     self.verdict_ids = verdict_token_ids(processor.tokenizer, spec.verdicts)
     if head == "classifier" and head_params is None:
-      output = model.apply({"params": params}, method=Qwen25VL.output_embedding)
+      output = model.apply({"params": params}, method="output_embedding")
       head_params = heads.classifier_from_lm_head(jax.device_get(output), self.verdict_ids)
     self.head_params = head_params
     self._logprobs = jax.jit(functools.partial(self.logprobs_fn, model, head, self.verdict_ids))
@@ -85,7 +87,7 @@ class ModelVerifier:
     """Verdict log-probs [B, K]: raw next-token log-probs (verdict head) or log-softmax over K (classifier)."""
     hidden = hidden_at_last(model, params, input_ids, attention_mask, pixels, prepared)
     if head == "verdict":
-      output = model.apply({"params": params}, method=Qwen25VL.output_embedding)
+      output = model.apply({"params": params}, method="output_embedding")
       return heads.verdict_logprobs(hidden, output, jnp.asarray(verdict_ids))
     return jax.nn.log_softmax(heads.classifier_logits(hidden, head_params), axis=-1)
 
