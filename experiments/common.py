@@ -11,8 +11,8 @@ from safework.training import TrainSettings
 # Qwen2.5-VL sizes (the paper's SafeWork-R1 and -7B), and the paper's other backbones: the variant is the model
 # preset (safework.models.presets), planned on the slice of the Qwen2.5-VL size it matches.
 SIZE_OF = {"tiny": "tiny", "3b": "3b", "7b": "7b", "32b": "32b", "72b": "72b",
-           "r1_distill_llama_8b": "7b", "r1_distill_qwen_7b": "7b", "r1_distill_qwen_32b": "32b",
-           "r1_distill_llama_70b": "72b"}
+           "internvl3_8b": "7b", "internvl3_78b": "72b", "r1_distill_llama_8b": "7b", "r1_distill_qwen_7b": "7b",
+           "r1_distill_qwen_32b": "32b", "r1_distill_llama_70b": "72b"}
 VARIANTS = tuple(SIZE_OF)
 
 # Meshes for TPU pod slices (v5p: 4 chips per host): FSDP across the slice, tensor parallelism for the large ones.

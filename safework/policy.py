@@ -19,7 +19,11 @@ from safework import distributed, sharding
 from safework.models import CausalLM, build_model, get_preset, init_params
 from safework.models.checkpoint import abstract_params, load_config, load_params
 from safework.models.text import ATTENTION
+from safework.models.internvl_config import InternVLConfig
+from safework.models.presets import INTERNVL_TINY_EXTRA_TOKENS
 from safework.processing import Processor, VisionSettings, train_tokenizer
+from safework.processing.tokenizer import CHAT_TEMPLATE, TILE_CHAT_TEMPLATE
+from safework.processing.internvl_images import TileSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +57,9 @@ def load_processor(settings: PolicySettings, workdir: str | Path, corpus: Sequen
   """The policy's processor; for a preset from scratch, the tokenizer trained on `corpus` (once per workdir)."""
   if settings.checkpoint is not None:
     return Processor.from_pretrained(settings.checkpoint)
-  vocab_size = get_preset(settings.preset).text.vocab_size
+  config = get_preset(settings.preset)
+  vocab_size = config.text.vocab_size
+  image_settings, extra_tokens, template = _preset_images(config, settings)
   tokenizer_dir = Path(workdir) / "tokenizer"
   if (tokenizer_dir / "tokenizer.json").is_file():
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -61,12 +67,23 @@ def load_processor(settings: PolicySettings, workdir: str | Path, corpus: Sequen
     if not corpus:
       raise ValueError(f"preset {settings.preset!r} from scratch needs a corpus to train its tokenizer on; start "
                        "from a checkpoint (init=...) to use its tokenizer")
-    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
+    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size, extra_tokens=extra_tokens, chat_template=template)
     if distributed.is_main():
       tokenizer.save_pretrained(tokenizer_dir)
   if len(tokenizer) > vocab_size:
     raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {vocab_size}")
-  return Processor(tokenizer, VisionSettings(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels))
+  return Processor(tokenizer, image_settings)
+
+
+def _preset_images(config, settings: PolicySettings) -> tuple[VisionSettings | TileSettings, tuple[str, ...], str]:
+  """A preset's image settings within the pixel budget, the special tokens its tokenizer adds after the tiny ones
+  (InternVL's image tokens, at the ids its preset names), and its chat template."""
+  if isinstance(config, InternVLConfig):
+    side = config.vision.image_size
+    tiles = TileSettings(tile_size=side, max_tiles=max(1, settings.max_pixels // side**2),
+                         image_seq_length=config.tokens_per_tile)
+    return tiles, INTERNVL_TINY_EXTRA_TOKENS, TILE_CHAT_TEMPLATE
+  return VisionSettings(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels), (), CHAT_TEMPLATE
 
 
 def policy_config(settings: PolicySettings):

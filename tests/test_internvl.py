@@ -1,11 +1,12 @@
 """InternVL against transformers' InternVLForConditionalGeneration and InternVLProcessor: tiny random models in
 fp32 (eager attention) loaded through our key map, preprocessing bit for bit, configs both ways."""
 
+import dataclasses
 import functools
-import json
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from transformers.models.got_ocr2 import image_processing_pil_got_ocr2 as got_ocr2
 from transformers.processing_utils import ProcessorMixin
 
-from safework.models import get_preset, init_params
+from safework.models import from_pretrained, get_preset, init_params, save_pretrained
 from safework.models.config import ConfigError
 from safework.models.inputs import check_tiles
 from safework.models.internvl import ACTIVATIONS, InternVL, Projector, bicubic_matrix, forward
@@ -24,7 +25,15 @@ from safework.models.internvl_config import ACTIVATIONS as ACTIVATION_NAMES, fro
 from safework.models.internvl_keys import canonical_key, hf_tensor_map
 from safework.models.presets import INTERNVL_TINY_EXTRA_TOKENS
 from safework.processing import internvl_images as tiling
-from safework.processing import train_tokenizer
+from safework.processing import Processor, train_tokenizer
+from safework.rl import rollout as rollouts
+from safework.rl.batch import VisionContext, vision_features
+from safework.rl.logprobs import response_logprobs
+from safework.rl.losses import LossSettings
+from safework.rl.objectives import PolicyGradientObjective
+from safework.rl.optim import OptimSettings, make_optimizer
+from safework.sampling import Sampler, SamplingSettings
+from safework.training import TrainState, make_train_step
 from safework.sharding import DEFAULT_RULES
 
 TOL = 1e-5
@@ -70,22 +79,6 @@ def _hf_model(config, seed: int):
   return model
 
 
-def _load(path, model: InternVL) -> dict:
-  """Our parameters from the saved safetensors through `hf_tensor_map`, read with `HfTensor.read` (the
-  checkpoint loader's reader)."""
-  params = {}
-  abstract = traverse_util.flatten_dict(jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
-  with safe_open(path / "model.safetensors", framework="np") as f:
-    assert {canonical_key(k) for k in f.keys()} == set(f.keys())   # already in the on-disk layout
-    for param, entry in hf_tensor_map(model.config).items():
-      shape = abstract[param].value.shape
-      if entry.layers:
-        params[param] = np.stack([one.read(f.get_slice(one.key), shape[1:]) for _, one in entry.per_layer()])
-      else:
-        params[param] = entry.read(f.get_slice(entry.key), shape)
-  return traverse_util.unflatten_dict(params)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   """checkpoints(variant) -> (variant, checkpoint dir, transformers model, our model, our params), built once."""
@@ -96,8 +89,9 @@ def checkpoints(tmp_path_factory):
       hf = _hf_model(_hf_config(variant), seed=len(cache))
       path = tmp_path_factory.mktemp(f"internvl_{variant}")
       hf.save_pretrained(path)
-      model = InternVL(from_hf_dict(json.loads((path / "config.json").read_text())))
-      cache[variant] = (variant, path, hf, model, _load(path, model))
+      model, params = from_pretrained(path)   # the project's loader, dispatched by config.json's model_type
+      assert isinstance(model, InternVL)
+      cache[variant] = (variant, path, hf, model, params)
     return cache[variant]
 
   return get
@@ -187,7 +181,7 @@ def test_vision_features_alone(big):
   assert _max_diff(ours, theirs.reshape(-1, 64).numpy()) < TOL
   # The projector alone on features of tiny variance, where its LayerNorm's eps (torch's default 1e-5) shows.
   features = 1e-3 * np.random.default_rng(5).standard_normal((2, PER_TILE, 128)).astype(np.float32)
-  ours = Projector(model.config).apply({"params": params["projector"]}, features)
+  ours = Projector(model.config).apply({"params": params["visual"]["projector"]}, features)
   with torch.no_grad():
     theirs = hf.model.multi_modal_projector(torch.from_numpy(features)).numpy()
   assert _max_diff(ours, theirs) < TOL
@@ -345,6 +339,24 @@ def test_processor_matches_transformers(tokenizer):
     tiling.expand_image_placeholders(texts, [1, 1], PER_TILE)
 
 
+def test_the_projects_processor_reads_tiles_like_transformers(tokenizer, tmp_path):
+  """`Processor` with InternVL's tiles, saved and read back from a checkpoint directory, gives transformers'
+  arrays (left-padded, as the sampler takes them)."""
+  texts = ["a cat <IMG_CONTEXT> sits", "describe <IMG_CONTEXT> please <IMG_CONTEXT>"]
+  images = [_image(150, 90, seed=4), _image(56, 56, seed=5), _image(61, 203, seed=6)]
+  Processor(tokenizer, dataclasses.replace(SMALL, image_seq_length=PER_TILE)).save_pretrained(tmp_path)
+  processor = Processor.from_pretrained(tmp_path)
+  assert processor.image_settings == dataclasses.replace(SMALL, image_seq_length=PER_TILE)
+  ours = processor(texts, images=images)
+  theirs = _ImageOnlyProcessor(_their_image_processor(SMALL), tokenizer, image_seq_length=PER_TILE)
+  expected = theirs(text=list(texts), images=images, padding=True, padding_side="left", return_tensors="np",
+                    images_kwargs=dict(max_patches=SMALL.max_tiles))
+  for key in ("input_ids", "attention_mask", "pixel_values"):
+    np.testing.assert_array_equal(ours[key], expected[key])
+  assert set(ours) == {"input_ids", "attention_mask", "pixel_values"}
+  assert processor.count_tokens(texts[1], [(56, 56), (61, 203)]) == int(ours["attention_mask"][1].sum())
+
+
 # -- configs and presets ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["internvl3_8b", "internvl3_78b", "internvl_tiny"])
@@ -396,3 +408,85 @@ def test_tiny_preset_runs():
   known = {name for name, _ in DEFAULT_RULES}
   for path, boxed in traverse_util.flatten_dict(params).items():
     assert set(boxed.names) - {None} <= known, (path, boxed.names)
+
+
+def test_export_round_trip_loads_in_transformers(checkpoint, tmp_path):
+  _, _, hf, model, params = checkpoint
+  save_pretrained(tmp_path, model, params)
+  again = transformers.InternVLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+  assert set(again.state_dict()) == set(hf.state_dict())
+  for name, tensor in hf.state_dict().items():
+    torch.testing.assert_close(again.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def _two_prompts():
+  """Two prompts (one left-padded) with images of 3 tiles + thumbnail and of 1 tile."""
+  rows = [_prompt([4], [11, 12, 13], 30), _prompt([1], [14, 15], 24)]
+  ids = np.zeros((2, 30), np.int64)
+  mask = np.zeros((2, 30), np.int64)
+  for r, row in enumerate(rows):
+    ids[r, 30 - len(row):], mask[r, 30 - len(row):] = row, 1
+  return ids, mask, np.concatenate([_pixels(4, seed=1), _pixels(1, seed=2)])
+
+
+def test_greedy_generation_through_the_sampler_equals_generate(checkpoint):
+  _, _, hf, model, params = checkpoint
+  ids, mask, pixels = _two_prompts()
+  steps = 8
+  out = Sampler(model).generate(params, dict(input_ids=ids, attention_mask=mask, pixel_values=pixels),
+                                jax.random.key(0), SamplingSettings(max_new_tokens=steps, temperature=0.0))
+  with torch.no_grad():
+    expected = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                           pixel_values=torch.from_numpy(pixels), max_new_tokens=steps, do_sample=False,
+                           eos_token_id=None, pad_token_id=PAD)
+  np.testing.assert_array_equal(np.asarray(out.tokens), expected[:, ids.shape[1]:].numpy())
+
+
+def test_rl_rows_score_the_sampled_tokens_as_the_sampler_did_and_the_tower_stays_frozen(big):
+  """The RL path with tiles: rollout -> training rows -> log-probs equal the sampler's; one optimizer step with
+  the default freeze (the vision subtree, `visual`) moves the decoder and leaves the tower and projector."""
+  _, _, _, model, params = big
+  ids, mask, pixels = _two_prompts()
+  prompts = dict(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32), pixel_values=pixels)
+  out = Sampler(model).generate(params, prompts, jax.random.key(0), SamplingSettings(max_new_tokens=6, temperature=1.0),
+                                num_samples=2)
+  rollout = rollouts.Rollout(
+      prompts=rollouts.PromptBatch(**prompts), responses=np.asarray(out.tokens), lengths=np.asarray(out.lengths),
+      done=np.asarray(out.done), policy_logp=np.asarray(out.logprobs),
+      behaviour_logp=np.asarray(out.behaviour_logprobs), rewards=np.zeros(4, np.float32), components={},
+      trained=np.ones(4, bool), advantages=np.array([1.0, -1.0, 0.5, -0.5], np.float32))
+  batch, vision = rollouts.training_rows(rollout, model.config, LossSettings())
+  features = vision_features(model, params, vision)
+  logp, _ = jax.jit(lambda p, b, f: response_logprobs(model, p, b, f, chunk=4))(params, batch, features)
+  valid = np.asarray(batch.loss_mask).astype(bool)
+  np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(batch.sampler_logp)[valid], atol=2e-5)
+
+  optim = OptimSettings(learning_rate=1e-2, warmup_fraction=0.0)
+  assert optim.freeze_prefixes == ("visual",) and not optim.vision_trainable
+  tx = make_optimizer(optim, 10, params)
+  objective = PolicyGradientObjective(model=model, logprob_chunk=4, loss=LossSettings(policy_loss="ppo", kl_in="none"))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  new, _ = jax.jit(make_train_step(objective, tx, 1))(state, batch, VisionContext(vision=vision, features=features))
+  moved = traverse_util.flatten_dict(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                                  params, new.params))
+  assert all(v == 0 for path, v in moved.items() if path[0] == "visual")
+  assert max(v for path, v in moved.items() if path[0] == "decoder") > 0
+
+
+def test_the_tiny_preset_from_scratch_reads_the_suites_images(tmp_path):
+  """`internvl_tiny` from scratch: its processor (tiles, InternVL's image tokens in the trained tokenizer) turns the
+  tiny suite's image questions into prompts the sampler generates from."""
+  from safework.data import tiny_suite
+  from safework.policy import PolicySettings, load_processor, policy_model
+  from safework.sampling.prompts import PromptBatch
+  settings = PolicySettings(preset="internvl_tiny", max_pixels=56 * 56 * 4)
+  processor = load_processor(settings, tmp_path, tiny_suite.corpus(0)[:200])
+  assert processor.tokenizer.convert_tokens_to_ids(list(INTERNVL_TINY_EXTRA_TOKENS)) == [8, 9, 10]
+  examples = [e for e, _ in tiny_suite.generate("test", 40, seed=0) if e.images][:3]
+  batch = PromptBatch.of(examples, processor, max_length=256, bucket_images=0)
+  model = policy_model(settings)
+  assert isinstance(model, InternVL)
+  assert (batch.input_ids == model.config.image_token_id).sum() == PER_TILE * len(batch.pixel_values)
+  params = init_params(model, jax.random.key(0))
+  out = Sampler(model).generate(params, batch.arrays(), jax.random.key(1), SamplingSettings(max_new_tokens=4))
+  assert np.asarray(out.tokens).shape == (3, 4)

@@ -156,3 +156,27 @@ def test_compiled_memory_is_remembered_by_program_text_and_slice(tmp_path, monke
   assert program_memory(lowered, parse_topology("h100-16")) == first       # another slice: compiled
   program_memory(jax.jit(lambda x: x @ x).lower(jnp.zeros((64, 64))), parse_topology("h100-8"))
   assert len(list(tmp_path.glob("*.json"))) == 3                             # another program: compiled
+
+
+@pytest.mark.parametrize("preset", ["llama_tiny", "internvl_tiny"])
+def test_the_other_backbones_compile_for_a_slice(preset):
+  """A text-only Llama plans text prompts (no vision program); InternVL plans its tiles (a vision program whose
+  argument holds every prompt's tiles)."""
+  pytest.importorskip("libtpu", reason="compiling for TPU needs libtpu (requirements.txt installs it on Linux x86)")
+  from safework.plan.build import plan_stage
+  config = m3rl_kg.get_config("variant=3b")
+  config.model.preset, config.model.max_pixels = preset, 56 * 56 * 3   # internvl_tiny: 3 tiles of 56 x 56
+  config.mesh = dict(data=1, fsdp=4, tensor=1)
+  config.reward.recipes, config.reward.verifiers = {"general_rule": [["math_rule", 1.0]]}, {}
+  rollout = config.rollout
+  rollout.prompts_per_rollout, rollout.samples_per_prompt, rollout.minibatch_size = 4, 2, 8
+  rollout.max_prompt_length, rollout.max_new_tokens, rollout.compaction_levels = 64, 64, 0
+  config.train.micro_batch_size, config.train.logprob_chunk = 4, 64
+  plan = plan_stage(config, parse_topology("v5p-8"), log=lambda _: None)
+  vision = ["vision"] if preset == "internvl_tiny" else []
+  assert list(plan.programs) == vision + ["prefill", "decode", "logprobs", "train_step"]
+  if vision:
+    pixels = 4 * 3 * 3 * 56 * 56 * 4   # 4 prompts x 3 tiles, fp32, replicated
+    assert dict(plan.programs["vision"].largest)["images"] == pytest.approx(pixels, rel=1e-3)
+    assert plan.programs["vision"].flops > 0
+  assert plan.fits

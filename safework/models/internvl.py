@@ -23,14 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from safework.models.attention import blockwise_attention, dot_product_attention, grouped_query_attention
-from safework.models.internvl_config import InternVisionConfig, InternVLConfig
+from safework.models.decoder_lm import DecoderLM
 from safework.models.inputs import check_tiles, text_positions
+from safework.models.internvl_config import InternVisionConfig, InternVLConfig
 from safework.models.internvl_keys import hf_tensor_map
-from safework.models.layers import Dtype, Einsum, RMSNorm, default_kernel_init, logical_param
+from safework.models.layers import Dtype, Einsum, RMSNorm, logical_param
 from safework.models.qwen2_5_vl import merge_features
 from safework.models.remat import remat_module
 from safework.models.splash import KERNEL_BLOCK, splash_attention
-from safework.models.text import ATTENTION, KVCache, TextDecoder
 
 __all__ = ["ACTIVATIONS", "InternVL", "InternViT", "Projector", "bicubic_matrix", "dummy_inputs", "forward",
            "hf_tensor_map", "pixel_shuffle"]
@@ -216,26 +216,32 @@ class Projector(nn.Module):
     return Einsum("nmf,fd->nmd", (d, d), ("vision_mlp", "embed"), bias_rank=1, name="linear_2", **common)(x)
 
 
-class InternVL(nn.Module):
-  config: InternVLConfig
+class VisionEncoder(nn.Module):
+  """Tiles [N, 3, S, S] -> features [N, M, D]: InternViT, pixel shuffle, projector. One subtree, `visual`, like
+  Qwen2.5-VL's tower and merger, so that freezing the vision tower (`OptimSettings.freeze_prefixes`) covers it."""
+  cfg: InternVLConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
-  attention: str = "einsum"   # the attention kernel of the decoder and the vision tower (models.text.ATTENTION)
+  attention: str = "einsum"
+
+  @nn.compact
+  def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    hidden = InternViT(self.cfg.vision, remat_policy=self.remat_policy, attention=self.attention, name="tower",
+                       **common)(pixel_values)[:, 1:]   # the class token is dropped ("default" strategy)
+    g = pixel_values.shape[-1] // self.cfg.vision.patch_size
+    shuffled = pixel_shuffle(hidden.reshape(hidden.shape[0], g, g, -1), self.cfg.shuffle_factor)
+    return Projector(self.cfg, name="projector", **common)(shuffled)
+
+
+class InternVL(DecoderLM):
+  config: InternVLConfig
 
   def setup(self):
-    cfg, common = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    if self.attention not in ATTENTION:
-      raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION}")
-    vocab, hidden = cfg.text.vocab_size, cfg.text.hidden_size
-    self.vision_tower = InternViT(cfg.vision, remat_policy=self.remat_policy, attention=self.attention, **common)
-    self.projector = Projector(cfg, **common)
-    self.decoder = TextDecoder(cfg.text, remat_policy=self.remat_policy, attention=self.attention, **common)
-    self.embed_tokens = logical_param(self, "embed_tokens", (vocab, hidden), ("vocab", "embed"), default_kernel_init,
-                                      self.param_dtype)
-    if not cfg.tie_word_embeddings:
-      self.lm_head = logical_param(self, "lm_head", (vocab, hidden), ("vocab", "embed"), default_kernel_init,
-                                   self.param_dtype)
+    self.visual = VisionEncoder(self.config, remat_policy=self.remat_policy, attention=self.attention,
+                                dtype=self.dtype, param_dtype=self.param_dtype)
+    self.setup_decoder()
 
   def encode_vision(self, pixel_values: jax.Array, layout=None) -> jax.Array:
     """Features [N * M, D] of tiles [N, 3, S, S], tile by tile in order (what the placeholders expect).
@@ -252,9 +258,7 @@ class InternVL(nn.Module):
     if height != width or height % (p * s):
       raise ValueError(f"tiles of {height}x{width} pixels: tiles must be square, with sides a multiple of "
                        f"patch_size * (1 / downsample_ratio) = {p * s}")
-    hidden = self.vision_tower(pixel_values)[:, 1:]   # the class token is dropped ("default" strategy)
-    g = height // p
-    features = self.projector(pixel_shuffle(hidden.reshape(hidden.shape[0], g, g, -1), s))
+    features = self.visual(pixel_values)
     return features.reshape(-1, features.shape[-1])
 
   def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None,
@@ -263,23 +267,10 @@ class InternVL(nn.Module):
     if video_features is not None:
       raise ValueError("InternVL has no video placeholder: encode video frames as tiles with encode_vision and pass "
                        "them as image_features, in prompt order")
-    embeds = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
+    embeds = self.token_embeddings(input_ids)
     if image_features is not None:
       embeds = merge_features(embeds, input_ids == self.config.image_token_id, image_features)
     return embeds
-
-  def decode(self, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array, cache: KVCache | None = None,
-             write_index: jax.Array | int = 0, attend_slots: int | None = None) -> tuple[jax.Array, KVCache | None]:
-    """Final hidden states [B, T, D] (and the updated cache) from embeddings and positions [3, B, T] (see
-    `TextDecoder`)."""
-    return self.decoder(embeds, positions, key_valid, cache, write_index, attend_slots)
-
-  def output_embedding(self) -> jax.Array:
-    """The [V, D] matrix that maps hidden states to logits (the input embedding when tied)."""
-    return self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-
-  def logits(self, hidden: jax.Array) -> jax.Array:
-    return jnp.einsum("btd,vd->btv", hidden, self.output_embedding().astype(self.dtype))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                pixel_values: jax.Array | None = None, *, position_ids: jax.Array | None = None,

@@ -20,7 +20,7 @@ def _vision_tensor_map(cfg: InternVLConfig) -> dict[ParamPath, HfTensor]:
   v = cfg.vision
   c, e, h, f, p = v.hidden_size, v.num_attention_heads, v.head_dim, v.intermediate_size, v.patch_size
   out: dict[ParamPath, HfTensor] = {}
-  root, emb = ("vision_tower",), "vision_tower.embeddings"
+  root, emb = ("visual", "tower"), "vision_tower.embeddings"
   out[root + ("patch_embed", "kernel")] = HfTensor(f"{emb}.patch_embeddings.projection.weight",
                                                    (c, v.num_channels, p, p), num_in=3)
   out[root + ("patch_embed", "bias")] = _plain(f"{emb}.patch_embeddings.projection.bias", (c,))
@@ -53,7 +53,7 @@ def _vision_tensor_map(cfg: InternVLConfig) -> dict[ParamPath, HfTensor]:
     out[root + ("final_norm", "bias")] = _plain("vision_tower.layernorm.bias", (c,))
 
   wide, d = c * cfg.shuffle_factor**2, cfg.text.hidden_size
-  proj, key = ("projector",), "multi_modal_projector"
+  proj, key = ("visual", "projector"), "multi_modal_projector"
   out[proj + ("layer_norm", "scale")] = _plain(f"{key}.layer_norm.weight", (wide,))
   out[proj + ("layer_norm", "bias")] = _plain(f"{key}.layer_norm.bias", (wide,))
   for name, shape in (("linear_1", (wide, d)), ("linear_2", (d, d))):

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from safework.models.config import ModelConfig
+from safework.models.decoder_lm import DecoderLM
 from safework.models.inputs import PreparedInputs, prepare_inputs
-from safework.models.layers import Dtype, default_kernel_init, logical_param
-from safework.models.text import KVCache, TextDecoder
 from safework.models.vision import VisionTower
 from safework.models.vision_layout import VisionLayout
 from safework.models.vision_shards import ShardedLayout, encode_sharded
@@ -33,23 +31,13 @@ def merge_features(embeds: jax.Array, is_placeholder: jax.Array, features: jax.A
   return jnp.where(is_placeholder[..., None], gathered.astype(embeds.dtype), embeds)
 
 
-class Qwen25VL(nn.Module):
+class Qwen25VL(DecoderLM):
   config: ModelConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat_policy: str = "none"
-  attention: str = "einsum"   # the attention kernel of the decoder and the vision tower (models.text.ATTENTION)
 
   def setup(self):
-    cfg, common = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    vocab, hidden = cfg.text.vocab_size, cfg.text.hidden_size
-    self.visual = VisionTower(cfg.vision, remat_policy=self.remat_policy, attention=self.attention, **common)
-    self.decoder = TextDecoder(cfg.text, remat_policy=self.remat_policy, attention=self.attention, **common)
-    self.embed_tokens = logical_param(self, "embed_tokens", (vocab, hidden), ("vocab", "embed"), default_kernel_init,
-                                      self.param_dtype)
-    if not cfg.tie_word_embeddings:
-      self.lm_head = logical_param(self, "lm_head", (vocab, hidden), ("vocab", "embed"), default_kernel_init,
-                                   self.param_dtype)
+    self.visual = VisionTower(self.config.vision, remat_policy=self.remat_policy, attention=self.attention,
+                              dtype=self.dtype, param_dtype=self.param_dtype)
+    self.setup_decoder()
 
   def encode_vision(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
     """Merged-token features [M, D] of the images (or videos) in `layout`."""
@@ -61,25 +49,12 @@ class Qwen25VL(nn.Module):
   def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None,
             video_features: jax.Array | None = None) -> jax.Array:
     """Token embeddings [B, T, D] with image and video features in place of their placeholders."""
-    embeds = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
+    embeds = self.token_embeddings(input_ids)
     if image_features is not None:
       embeds = merge_features(embeds, input_ids == self.config.image_token_id, image_features)
     if video_features is not None:
       embeds = merge_features(embeds, input_ids == self.config.video_token_id, video_features)
     return embeds
-
-  def decode(self, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array, cache: KVCache | None = None,
-             write_index: jax.Array | int = 0, attend_slots: int | None = None) -> tuple[jax.Array, KVCache | None]:
-    """Final hidden states [B, T, D] (and the updated cache) from embeddings and positions [3, B, T]; attention
-    is causal over the valid keys (see `TextDecoder`)."""
-    return self.decoder(embeds, positions, key_valid, cache, write_index, attend_slots)
-
-  def output_embedding(self) -> jax.Array:
-    """The [V, D] matrix that maps hidden states to logits (the input embedding when tied)."""
-    return self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-
-  def logits(self, hidden: jax.Array) -> jax.Array:
-    return jnp.einsum("btd,vd->btv", hidden, self.output_embedding().astype(self.dtype))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                pixel_values: jax.Array | None = None, image_grid_thw=None,

@@ -8,53 +8,28 @@ Axis legend: B batch, T time, D hidden, V vocab.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safework.models.decoder_lm import DecoderLM
 from safework.models.hf_keys import HfTensor, ParamPath, language_model_tensors
 from safework.models.inputs import text_positions
-from safework.models.layers import Dtype, default_kernel_init, logical_param
-from safework.models.text import KVCache, TextDecoder
 from safework.models.text_lm_config import TextLMConfig
 
 
-class TextLM(nn.Module):
+class TextLM(DecoderLM):
   config: TextLMConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat_policy: str = "none"
-  attention: str = "einsum"   # the decoder's attention kernel (models.text.ATTENTION)
 
   def setup(self):
-    cfg = self.config
-    vocab, hidden = cfg.text.vocab_size, cfg.text.hidden_size
-    self.decoder = TextDecoder(cfg.text, dtype=self.dtype, param_dtype=self.param_dtype,
-                               remat_policy=self.remat_policy, attention=self.attention)
-    self.embed_tokens = logical_param(self, "embed_tokens", (vocab, hidden), ("vocab", "embed"), default_kernel_init,
-                                      self.param_dtype)
-    if not cfg.tie_word_embeddings:
-      self.lm_head = logical_param(self, "lm_head", (vocab, hidden), ("vocab", "embed"), default_kernel_init,
-                                   self.param_dtype)
+    self.setup_decoder()
 
   def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None,
             video_features: jax.Array | None = None) -> jax.Array:
     """Token embeddings [B, T, D]; a text-only model has no features to merge."""
     if image_features is not None or video_features is not None:
       raise ValueError(f"{self.config.model_type} is a text-only model: it takes no image or video features")
-    return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
-
-  def decode(self, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array, cache: KVCache | None = None,
-             write_index: jax.Array | int = 0, attend_slots: int | None = None) -> tuple[jax.Array, KVCache | None]:
-    """Final hidden states [B, T, D] (and the updated cache); see `models.text.TextDecoder`."""
-    return self.decoder(embeds, positions, key_valid, cache, write_index, attend_slots)
-
-  def output_embedding(self) -> jax.Array:
-    return self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-
-  def logits(self, hidden: jax.Array) -> jax.Array:
-    return jnp.einsum("btd,vd->btv", hidden, self.output_embedding().astype(self.dtype))
+    return self.token_embeddings(input_ids)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                position_ids: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:

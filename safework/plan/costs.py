@@ -11,8 +11,10 @@ roofline's lower bounds, not predictions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from safework.models.config import ModelConfig
+from safework.models.internvl_config import InternVLConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,15 @@ def causal_pairs(rows: float, length: float) -> float:
   return rows * length * (length + 1) / 2
 
 
-def vision_pass(cfg: ModelConfig, images: int, patches_per_image: int, weight_bytes: float) -> Work:
+@functools.singledispatch
+def vision_pass(cfg, images: int, extent: int, weight_bytes: float) -> Work:
+  """The vision tower on `images` images of `extent` each (Qwen2.5-VL: patches; InternVL: tiles)."""
+  raise TypeError(f"no vision cost for a {type(cfg).__name__}")
+
+
+@vision_pass.register
+def _windowed(cfg: ModelConfig, images: int, patches_per_image: int, weight_bytes: float) -> Work:
+  """Qwen2.5-VL's tower: windowed attention in most blocks, full attention in `fullatt_block_indexes`."""
   v = cfg.vision
   window = (v.window_size // v.patch_size) ** 2
   full = len(v.fullatt_block_indexes)
@@ -65,6 +75,25 @@ def vision_pass(cfg: ModelConfig, images: int, patches_per_image: int, weight_by
   patches = images * patches_per_image
   return Work(2 * vision_weights(cfg) * patches + 4 * v.num_heads * v.head_dim * pairs,
               weight_bytes * vision_weights(cfg))
+
+
+def internvl_vision_weights(cfg: InternVLConfig) -> int:
+  v = cfg.vision
+  layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+  wide = v.hidden_size * cfg.shuffle_factor**2
+  return v.num_channels * v.patch_size**2 * v.hidden_size + v.num_hidden_layers * layer + (
+      wide * cfg.text.hidden_size + cfg.text.hidden_size**2) // cfg.shuffle_factor**2
+
+
+@vision_pass.register
+def _tiled(cfg: InternVLConfig, images: int, tiles_per_image: int, weight_bytes: float) -> Work:
+  """InternViT: full attention within each tile of g^2 patches and a class token; the projector on the shuffled
+  tokens (counted per patch, so the weights term stays one product)."""
+  v = cfg.vision
+  tiles, tokens = images * tiles_per_image, v.num_patches + 1
+  pairs = tiles * tokens * tokens * v.num_hidden_layers
+  return Work(2 * internvl_vision_weights(cfg) * tiles * tokens + 4 * v.num_attention_heads * v.head_dim * pairs,
+              weight_bytes * internvl_vision_weights(cfg))
 
 
 def decode_loop(cfg: ModelConfig, rows: int, prompt: int, steps: int, weight_bytes: float, cache_bytes: float) -> Work:

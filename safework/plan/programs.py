@@ -30,6 +30,7 @@ from safework import sharding
 from safework.models import CausalLM
 from safework.models.checkpoint import abstract_params
 from safework.models.config import ModelConfig
+from safework.models.internvl_config import InternVLConfig
 from safework.models.inputs import filler_grid, prepare_inputs
 from safework.models.vision_layout import num_patches
 from safework.models.vision_shards import ShardAxes, shard_axes
@@ -97,35 +98,69 @@ class PromptShape:
 TEXT_TOKENS = 16   # the least text a prompt carries beside its image (the chat template's own tokens)
 
 
-def image_side(cfg: ModelConfig, pixels: int, prompt_length: int) -> int:
-  """Patches per side of the largest square image of at most `pixels` pixels that leaves `TEXT_TOKENS` of a
-  `prompt_length` prompt to text (a multiple of the merge size)."""
+@functools.singledispatch
+def image_extent(cfg, pixels: int, prompt_length: int) -> int:
+  """The vision tower's input per image of at most `pixels` pixels in a `prompt_length` prompt that keeps
+  `TEXT_TOKENS` for text: Qwen2.5-VL's patches, InternVL's tiles."""
+  raise TypeError(f"the planner has no image shape for a {type(cfg).__name__}")
+
+
+@image_extent.register
+def _patches(cfg: ModelConfig, pixels: int, prompt_length: int) -> int:
+  """Patches of the largest square image (sides a multiple of the merge size)."""
   merge = cfg.vision.spatial_merge_size
   merged_side = min(math.isqrt(pixels) // (cfg.vision.patch_size * merge), math.isqrt(prompt_length - TEXT_TOKENS))
   if merged_side < 1:
     raise ValueError(f"a prompt of {prompt_length} tokens has no room for an image of {pixels} pixels")
-  return merged_side * merge
+  return (merged_side * merge)**2
 
 
-def synthetic_prompts(cfg: ModelConfig, shape: PromptShape) -> dict[str, np.ndarray]:
-  """Processor-like arrays of `shape.rows` full-length prompts, each opening with the largest square image the
-  pixel budget and the prompt length allow.
+@image_extent.register
+def _tiles(cfg: InternVLConfig, pixels: int, prompt_length: int) -> int:
+  """Tiles of the image: as many as the pixels cover (at least one), within the prompt."""
+  tiles = min(max(1, pixels // cfg.vision.image_size**2), (prompt_length - TEXT_TOKENS) // cfg.tokens_per_tile)
+  if tiles < 1:
+    raise ValueError(f"a prompt of {prompt_length} tokens has no room for a tile of {cfg.tokens_per_tile} tokens")
+  return tiles
+
+
+@functools.singledispatch
+def _place_images(cfg, arrays: dict[str, np.ndarray], extent: int, buckets: int) -> None:
+  raise TypeError(f"the planner has no images for a {type(cfg).__name__}")
+
+
+@_place_images.register
+def _(cfg: ModelConfig, arrays: dict[str, np.ndarray], extent: int, buckets: int) -> None:
+  """A square image of `extent` patches opening each prompt (grids, patch rows; a blank filler to the bucket)."""
+  rows, merge, side = arrays["input_ids"].shape[0], cfg.vision.spatial_merge_size, math.isqrt(extent)
+  arrays["input_ids"][:, :extent // merge**2] = cfg.image_token_id
+  grid = np.tile(np.array([[1, side, side]], np.int64), (rows, 1))
+  filler = filler_grid(len(grid) * extent, merge, buckets) if buckets else None
+  if filler is not None:
+    grid, arrays["padding_images"] = np.concatenate([grid, filler]), 1
+  arrays["image_grid_thw"] = grid
+  arrays["pixel_values"] = np.broadcast_to(np.zeros((), np.float32), (num_patches(grid), cfg.vision.patch_dim))
+
+
+@_place_images.register
+def _(cfg: InternVLConfig, arrays: dict[str, np.ndarray], extent: int, buckets: int) -> None:
+  """An image of `extent` tiles opening each prompt."""
+  rows, side = arrays["input_ids"].shape[0], cfg.vision.image_size
+  arrays["input_ids"][:, :extent * cfg.tokens_per_tile] = cfg.image_token_id
+  arrays["pixel_values"] = np.broadcast_to(np.zeros((), np.float32),
+                                           (rows * extent, cfg.vision.num_channels, side, side))
+
+
+def synthetic_prompts(cfg, shape: PromptShape) -> dict[str, np.ndarray]:
+  """Processor-like arrays of `shape.rows` full-length prompts, each opening with the largest image the pixel
+  budget and the prompt length allow.
 
   Pixels are a zero-stride view: their shape is what counts, and nothing of that size is allocated.
   """
-  merge = cfg.vision.spatial_merge_size
   ids = np.full((shape.rows, shape.length), DUMMY_TOKEN, np.int32)
   arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
   if shape.image_pixels:
-    side = image_side(cfg, shape.image_pixels, shape.length)
-    merged = side * side // merge**2
-    ids[:, :merged] = cfg.image_token_id
-    grid = np.tile(np.array([[1, side, side]], np.int64), (shape.rows, 1))
-    filler = filler_grid(len(grid) * side * side, merge, shape.image_buckets) if shape.image_buckets else None
-    if filler is not None:
-      grid, arrays["padding_images"] = np.concatenate([grid, filler]), 1
-    arrays["image_grid_thw"] = grid
-    arrays["pixel_values"] = np.broadcast_to(np.zeros((), np.float32), (num_patches(grid), cfg.vision.patch_dim))
+    _place_images(cfg, arrays, image_extent(cfg, shape.image_pixels, shape.length), shape.image_buckets)
   return arrays
 
 
@@ -186,8 +221,8 @@ class StagePrograms:
   def _vision_work(self, model: CausalLM, images: int, prompt_length: int) -> costs.Work:
     if not self.max_pixels:
       return costs.Work(0.0, 0.0)
-    side = image_side(model.config, self.max_pixels, prompt_length)
-    return costs.vision_pass(model.config, images, side * side, jnp.dtype(model.param_dtype).itemsize)
+    extent = image_extent(model.config, self.max_pixels, prompt_length)
+    return costs.vision_pass(model.config, images, extent, jnp.dtype(model.param_dtype).itemsize)
 
   def _train_step(self, objective, optim, total_steps: int, rows: int, micro_batch: int, prompt: PromptShape,
                   response: int, guard_ratio, resident: Mapping[str, int]) -> Program:

@@ -35,8 +35,11 @@ class TileSettings:
   crop_to_patches: bool = True   # False (or max_tiles == 1): every image becomes one tile, resized to it
   mean: tuple[float, float, float] = IMAGENET_MEAN
   std: tuple[float, float, float] = IMAGENET_STD
+  image_seq_length: int = 256    # prompt tokens per tile (the processor's; the model's tokens_per_tile)
 
   def validate(self) -> "TileSettings":
+    if self.image_seq_length <= 0:
+      raise ImageError(f"image_seq_length must be positive, got {self.image_seq_length}")
     if self.tile_size <= 0 or not 1 <= self.min_tiles <= self.max_tiles:
       raise ImageError(f"tile settings need tile_size > 0 and 1 <= min_tiles <= max_tiles, got tile_size="
                        f"{self.tile_size}, min_tiles={self.min_tiles}, max_tiles={self.max_tiles}")
@@ -48,7 +51,8 @@ class TileSettings:
 
   @classmethod
   def from_preprocessor_config(cls, d: Mapping[str, Any], **defaults) -> "TileSettings":
-    """Reads a GotOcr2 `preprocessor_config.json` (`size`, `min_patches`, `max_patches`, `image_mean`, ...)."""
+    """Reads a GotOcr2 `preprocessor_config.json` (`size`, `min_patches`, `max_patches`, `image_mean`, ...); the
+    processor's `image_seq_length` comes from `processor_config.json` (pass it in `defaults`)."""
     fields = dict(defaults)
     size = d.get("size") or {}
     if size:
@@ -64,6 +68,19 @@ class TileSettings:
       if theirs in d:
         fields[ours] = tuple(d[theirs])
     return cls(**fields).validate()
+
+  def to_preprocessor_config(self) -> dict[str, Any]:
+    """The `preprocessor_config.json` transformers' GotOcr2 image processor reads."""
+    return {"image_processor_type": "GotOcr2ImageProcessor", "size": {"height": self.tile_size,
+                                                                      "width": self.tile_size},
+            "min_patches": self.min_tiles, "max_patches": self.max_tiles, "crop_to_patches": self.crop_to_patches,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(self.mean),
+            "image_std": list(self.std), "resample": 3}
+
+
+def is_tiling_config(d: Mapping[str, Any]) -> bool:
+  """Whether a `preprocessor_config.json` is InternVL's tiling one (GotOcr2's image processor)."""
+  return str(d.get("image_processor_type", "")).startswith("GotOcr2")
 
 
 @functools.lru_cache(maxsize=16)

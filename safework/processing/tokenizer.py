@@ -28,10 +28,12 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# InternVL's: one <IMG_CONTEXT> per image, which the processor expands to the image's tiles.
+TILE_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>")
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int,
-                    extra_tokens: tuple[str, ...] = ()) -> transformers.PreTrainedTokenizerBase:
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, extra_tokens: tuple[str, ...] = (),
+                    chat_template: str = CHAT_TEMPLATE) -> transformers.PreTrainedTokenizerBase:
   """A byte-level BPE tokenizer (Qwen2 style) whose first ids are Qwen's special tokens, then `extra_tokens`."""
   specials = list(TINY_SPECIAL_TOKENS) + list(extra_tokens)
   bpe = Tokenizer(models.BPE())
@@ -45,7 +47,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int,
       vocab=model["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]],
       unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
   tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
-  tokenizer.chat_template = CHAT_TEMPLATE
+  tokenizer.chat_template = chat_template
   ids = tokenizer.convert_tokens_to_ids(specials)
   if ids != list(range(len(specials))):
     raise RuntimeError(f"special tokens got ids {ids}; expected 0..{len(specials) - 1}")
