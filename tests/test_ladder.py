@@ -1,7 +1,8 @@
-"""The main job, `runlocal`: data, judges, SFT, three RL stages, evaluation and the report, through the CLI.
+"""The main job, `runlocal`: data, judges, SFT, three RL stages, evaluation and the report, through the CLI; and the
+same ladder, smoke-sized, on a text-only Llama.
 
-It runs in its own process on one CPU device (the user's command, and fast); the pieces it chains are tested sharded
-over 8 devices elsewhere.
+Each runs in its own process on one CPU device (the user's command, and fast); the pieces they chain are tested
+sharded over 8 devices elsewhere.
 """
 
 import json
