@@ -2,6 +2,7 @@
 fp32 (eager attention) loaded through our key map, preprocessing bit for bit, configs both ways."""
 
 import dataclasses
+import json
 import functools
 import re
 
@@ -345,6 +346,9 @@ def test_the_projects_processor_reads_tiles_like_transformers(tokenizer, tmp_pat
   texts = ["a cat <IMG_CONTEXT> sits", "describe <IMG_CONTEXT> please <IMG_CONTEXT>"]
   images = [_image(150, 90, seed=4), _image(56, 56, seed=5), _image(61, 203, seed=6)]
   Processor(tokenizer, dataclasses.replace(SMALL, image_seq_length=PER_TILE)).save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+  # GotOcr2's own default is crop_to_patches=false; InternVLProcessor crops all the same.
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps(config | {"crop_to_patches": False}))
   processor = Processor.from_pretrained(tmp_path)
   assert processor.image_settings == dataclasses.replace(SMALL, image_seq_length=PER_TILE)
   ours = processor(texts, images=images)

@@ -58,8 +58,9 @@ class Processor:
       if internvl_images.is_tiling_config(config):
         processor = path / "processor_config.json"
         extra = json.loads(processor.read_text()) if processor.is_file() else {}
+        # InternVLProcessor crops to tiles whatever the image processor's own crop_to_patches says.
         image_settings = TileSettings.from_preprocessor_config(
-            config, **{k: extra[k] for k in ("image_seq_length",) if k in extra})
+            config, crop_to_patches=True, **{k: extra[k] for k in ("image_seq_length",) if k in extra})
       else:
         image_settings = VisionSettings.from_preprocessor_config(config)
     if (path / "video_preprocessor_config.json").is_file():
