@@ -10,13 +10,15 @@ works end to end on an architecture, not a result.
 
 Builds the embedded tiny suite (tfds), trains the tiny safety and value judges, then CoT-SFT -> M³-RL kg ->
 M³-RL svkg -> safe-and-efficient RL -> deliberative-search RL (not in runlocal), each stage starting from (and
-KL-anchored to) the previous one, evaluated on the test split after each. Writes report.json, report.md and plots
-to the work directory.
+KL-anchored to) the previous one, evaluated on the test split after each; then the safety aha-moment analysis of
+the first and the last checkpoint (not in runlocal). Writes report.json, report.md and plots to the work
+directory.
 """
 
 import ml_collections
 
 from experiments import common, deliberative_search, efficient_rl, m3rl_kg, m3rl_svkg, sft
+from safework.analysis.responses import AnalysisSettings
 from safework.evaluation import EvalSettings
 from safework.experiment import parse_arg, section
 from safework.intervention.settings import SearchSettings
@@ -66,6 +68,9 @@ def get_config(arg=None):
   for name in config.stage_order[1:]:
     if text_only and "safety_rule" in config.stages[name].reward.recipes:
       del config.stages[name].reward.recipes["safety_rule"]
+  # The safety aha moment of the SFT and the last checkpoint (runlocal, CI's job, leaves it to the smoke run).
+  if arg.smoke or not arg.runlocal:
+    config.aha = section(AnalysisSettings, layers=(-1,), max_new_tokens=48, max_prompt_length=80, batch_size=50)
   if arg.smoke:
     _shrink(config)
   return config

@@ -19,6 +19,8 @@ import jax
 import ml_collections
 
 from safework import distributed, sharding
+from safework.analysis.output import write_analysis
+from safework.analysis.responses import AnalysisSettings, analyze
 from safework.data import tiny_suite
 from safework.data.tiny_builder import SuiteData, TinySuiteConfig, build, example_of, write_search_corpus
 from safework.data.user_builders import Judgments, decode, prepare
@@ -118,6 +120,8 @@ class Ladder:
   # The search tool of the ladder's deliberative-search stage: at hand in every checkpoint's evaluation, so each
   # is measured on the search questions under the same conditions (empty corpus: the suite's).
   tools: ToolSettings | None = None
+  # The safety aha-moment analysis of the first and the last checkpoint on the test split's harmful prompts.
+  aha: AnalysisSettings | None = None
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Ladder":
@@ -138,7 +142,8 @@ class Ladder:
     return cls(seed=config.seed, mesh=dict(config.mesh), rules=sharding.rules_of(config.sharding_rules),
                policy=settings(PolicySettings, config.model), data_sizes=config.data.to_dict(), judges=judges,
                stages=stages, eval=settings(EvalSettings, config.eval), intervention=intervention,
-               intervention_stages=intervention_stages, tools=tools[0] if tools else None)
+               intervention_stages=intervention_stages, tools=tools[0] if tools else None,
+               aha=settings(AnalysisSettings, config.aha) if config.get("aha") else None)
 
   def evaluate_intervened(self, name: str, out: Path, mesh, test, verifiers) -> dict:
     """The stage's policy evaluated with the step search guided by the ladder's judges (once; kept in
@@ -164,6 +169,27 @@ class Ladder:
                "(%.0f s)", name, mode, scores["capability"], scores["safety"], scores["generated_tokens"],
                time.perf_counter() - start)
     return json.loads(path.read_text())
+
+  def analyze_aha(self, name: str, workdir: Path, mesh, test) -> dict:
+    """MI peaks of the stage's policy on the test split's harmful prompts, against the suite's refusal (once; kept
+    in `aha/<stage>/mi.json` with its figures); returns the summary of the first analysed layer."""
+    out = workdir / "aha" / name
+    if not (out / "mi.json").is_file():
+      start = time.perf_counter()
+      policy = dataclasses.replace(self.policy, checkpoint=str(workdir / "stages" / name / "policy"))
+      model, processor = policy_model(policy), load_processor(policy, workdir)
+      params = policy_params(policy, model, mesh, self.rules)
+      harmful = [e for e in test if e.meta.get("harmful")]
+      with jax.set_mesh(mesh):
+        responses = analyze(model, params, processor, harmful, [tiny_suite.REFUSAL] * len(harmful), self.aha,
+                            Sampler(model, mesh=mesh, rules=self.rules))
+      if distributed.is_main():
+        write_analysis(out, str(workdir / "stages" / name / "policy"), responses, self.aha)
+      distributed.wait_for_all()
+      log.info("stage %s: safety aha analysis of %d harmful prompts (%.0f s)", name, len(harmful),
+               time.perf_counter() - start)
+    summary = json.loads((out / "mi.json").read_text())["summary"]
+    return summary[min(summary, key=int)] if summary else {}
 
   def run(self, workdir: str | Path) -> Path:
     """Runs (or continues) the ladder in `workdir`; returns the report's path."""
@@ -204,7 +230,11 @@ class Ladder:
         checkpoints.append(self.evaluate_intervened(name, out, mesh, test, verifiers))
       curves[name] = read_metrics(out)
       previous = str(out / "policy")
+    aha = {}
+    if self.aha is not None:
+      for name in dict.fromkeys((list(self.stages)[0], list(self.stages)[-1])):
+        aha[name] = self.analyze_aha(name, workdir, mesh, test)
     if distributed.is_main():
-      write_report(workdir, checkpoints, curves)
+      write_report(workdir, checkpoints, curves, aha)
     distributed.wait_for_all()
     return workdir / "report.json"

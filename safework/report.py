@@ -14,6 +14,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from safework.analysis.peaks import PeakStatistics  # noqa: E402
+from safework.analysis.plots import plot_peak_words  # noqa: E402
+
 
 SEARCH_METRICS = ("search_accuracy", "false_certain_rate", "ece", "searches_per_answer")
 
@@ -98,9 +101,13 @@ def plot_search(checkpoints: Sequence[dict], path: Path) -> None:
   plt.close(fig)
 
 
-def write_report(workdir: str | Path, checkpoints: Sequence[dict], curves: dict[str, list[dict]]) -> Path:
+def write_report(workdir: str | Path, checkpoints: Sequence[dict], curves: dict[str, list[dict]],
+                 aha: dict[str, dict] | None = None) -> Path:
+  """report.json, report.md and the figures; `aha`: each analysed stage's MI-peak summary (`safework.analysis`)."""
   workdir = Path(workdir)
-  (workdir / "report.json").write_text(json.dumps({"checkpoints": list(checkpoints)}, indent=2) + "\n")
+  aha = aha or {}
+  (workdir / "report.json").write_text(json.dumps({"checkpoints": list(checkpoints), **({"aha": aha} if aha else {})},
+                                                  indent=2) + "\n")
   plot_ai45(checkpoints, workdir / "ai45.png")
   plot_rewards(curves, workdir / "rewards.png")
   keys = [k for k in ("capability", "safety", "value", "format", "response_tokens") if k in checkpoints[0]]
@@ -119,5 +126,17 @@ def write_report(workdir: str | Path, checkpoints: Sequence[dict], curves: dict[
   if any("search_accuracy" in c for c in checkpoints):
     plot_search(checkpoints, workdir / "search.png")
     lines += ["![Search accuracy and calibration](search.png)", ""]
+  if aha:
+    plot_peak_words({stage: PeakStatistics(**{**s, "top_tokens": tuple(map(tuple, s["top_tokens"]))})
+                     for stage, s in aha.items()}, workdir / "aha_peaks.png")
+    lines += ["## Safety aha moment", "", "MI peaks of each token's hidden state against the refusal, on the test "
+              "split's harmful prompts (`aha/<stage>/mi.json`, `mi_curves.png`):", "",
+              "| stage | responses | peaks per response | safety words at peaks | top peak words |",
+              "|---|---|---|---|---|"]
+    for stage, s in aha.items():
+      top = ", ".join(f"{w} ({c})" for w, c in s["top_tokens"][:5])
+      lines.append(f"| {stage} | {s['responses']} | {s['mean_peaks_per_response']:.2f} | {s['safety_share']:.0%} | "
+                   f"{top} |")
+    lines += ["", "![Words at MI peaks](aha_peaks.png)", ""]
   (workdir / "report.md").write_text("\n".join(lines))
   return workdir / "report.json"

@@ -68,9 +68,10 @@ def _evaluate_with_the_ladders_own_judge(workdir):
 
 
 @pytest.mark.slow
-def test_text_only_llama_ladder_runs_end_to_end(tmp_path):
+def test_text_only_llama_ladder_runs_end_to_end(tmp_path, monkeypatch):
   """The tiny SafeLadder on a text-only Llama 3 (`preset=llama_tiny`, `smoke`: a step or two per stage), through the
-  CLI: every stage trains and hands a Llama checkpoint, which transformers reads, to the next."""
+  CLI: every stage trains and hands a Llama checkpoint, which transformers reads, to the next; the safety aha
+  analysis of the first and the last checkpoint lands in the report, and the notebook draws their curves."""
   import jax
   import numpy as np
   import transformers
@@ -95,3 +96,16 @@ def test_text_only_llama_ladder_runs_end_to_end(tmp_path):
   for before, after in zip(params, params[1:]):   # every RL stage updated the policy
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), before, after)
     assert max(jax.tree.leaves(moved)) > 0
+  assert set(report["aha"]) == {"sft", "efficient_rl"}
+  for stage in ("sft", "efficient_rl"):
+    analysis = json.loads((tmp_path / "aha" / stage / "mi.json").read_text())
+    harmful = analysis["summary"][str(model.config.text.num_hidden_layers - 1)]["responses"]
+    assert harmful == report["aha"][stage]["responses"] > 0
+    first = analysis["responses"][0]
+    assert len(first["mi"]["3"]) == len(first["tokens"]) > 0
+    assert (tmp_path / "aha" / stage / "mi_curves.png").stat().st_size > 0
+  assert "## Safety aha moment" in (tmp_path / "report.md").read_text()
+  assert (tmp_path / "aha_peaks.png").stat().st_size > 0
+  monkeypatch.setenv("SAFEWORK_LADDER", str(tmp_path))
+  printed = run_notebook("safety_aha.ipynb")
+  assert "sft: " in printed and "efficient_rl: " in printed and "curves drawn: 8" in printed, printed[-2000:]

@@ -24,8 +24,8 @@ def _printed(notebook) -> str:
   return "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
 
 
-# intervene.ipynb reads a tiny SafeLadder's work directory: the ladder test runs it on its own (`run_notebook`).
-LADDER_NOTEBOOKS = ("intervene.ipynb",)
+# These read a tiny SafeLadder's work directory: the ladder tests run them on their own (`run_notebook`).
+LADDER_NOTEBOOKS = ("intervene.ipynb", "safety_aha.ipynb")
 
 
 def run_notebook(name: str):

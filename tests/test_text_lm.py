@@ -142,3 +142,21 @@ def test_config_round_trip_and_errors():
   with pytest.raises(ConfigError, match=r"'mistral'.*llama"):
     from safework.models.families import config_from_hf_dict
     config_from_hf_dict(d | {"model_type": "mistral"})
+
+
+def test_every_layers_states_equal_transformers_hidden_states(checkpoint):
+  """`decode_layers` (the analysis' hidden states): layer y's output is transformers' hidden_states[y + 1] (the
+  last one before the final norm, which transformers applies to its last entry)."""
+  path, hf = checkpoint
+  model, params = from_pretrained(path)
+  ids, mask, positions = _batch()
+  with torch.no_grad():
+    expected = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask),
+                  position_ids=torch.from_numpy(positions).long(), output_hidden_states=True).hidden_states
+  embeds = model.apply({"params": params}, ids, method="embed")
+  layers = model.apply({"params": params}, embeds, np.broadcast_to(positions, (3, *positions.shape)), mask,
+                       method="decode_layers")
+  valid = mask.astype(bool)
+  assert layers.shape[0] == len(expected) - 1
+  for y in range(layers.shape[0] - 1):
+    np.testing.assert_allclose(np.asarray(layers[y])[valid], expected[y + 1].numpy()[valid], atol=1e-5, rtol=1e-5)

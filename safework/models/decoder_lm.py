@@ -47,6 +47,10 @@ class DecoderLM(nn.Module):
     is causal over the valid keys (see `models.text.TextDecoder`)."""
     return self.decoder(embeds, positions, key_valid, cache, write_index, attend_slots)
 
+  def decode_layers(self, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array) -> jax.Array:
+    """Every decoder layer's output [Y, B, T, D] (the residual stream before the final norm), for analysis."""
+    return self.decoder(embeds, positions, key_valid, collect=True)[2]
+
   def output_embedding(self) -> jax.Array:
     """The [V, D] matrix that maps hidden states to logits (the input embedding when tied)."""
     return self.embed_tokens if self.config.tie_word_embeddings else self.lm_head

@@ -69,12 +69,14 @@ class DecoderLayer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = "einsum"
+  collect: bool = False   # also output the layer's residual stream (stacked over layers by the scan)
 
   @nn.compact
   def __call__(self, carry: tuple[jax.Array, KVCache | None], layer: jax.Array, cos: jax.Array, sin: jax.Array,
                key_valid: jax.Array, write_index: jax.Array | int, attend_slots: int | None
-               ) -> tuple[tuple[jax.Array, KVCache | None], None]:
-    """Layer number `layer` on the scan's carry (hidden [B, T, D], cache); no per-layer output."""
+               ) -> tuple[tuple[jax.Array, KVCache | None], jax.Array | None]:
+    """Layer number `layer` on the scan's carry (hidden [B, T, D], cache); outputs its hidden states when
+    collecting, else nothing."""
     x, cache = carry
     cfg, common = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -102,7 +104,8 @@ class DecoderLayer(nn.Module):
     x = x + Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), bias_rank=int(cfg.output_bias),
                    name="o_proj", **common)(attended)
     mlp = GatedMLP(d, cfg.intermediate_size, use_bias=False, name="mlp", **common)
-    return (x + mlp(norm("post_attention_norm")(x)), cache), None
+    x = x + mlp(norm("post_attention_norm")(x))
+    return (x, cache), (x if self.collect else None)
 
 
 class TextDecoder(nn.Module):
@@ -115,8 +118,10 @@ class TextDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array, cache: KVCache | None = None,
-               write_index: jax.Array | int = 0, attend_slots: int | None = None) -> tuple[jax.Array, KVCache | None]:
-    """x [B, T, D], positions [3, B, T] -> hidden [B, T, D] and the updated cache.
+               write_index: jax.Array | int = 0, attend_slots: int | None = None, collect: bool = False
+               ) -> tuple[jax.Array, KVCache | None] | tuple[jax.Array, KVCache | None, jax.Array]:
+    """x [B, T, D], positions [3, B, T] -> hidden [B, T, D] and the updated cache (and with `collect`, every
+    layer's output [Y, B, T, D], the residual stream before the final norm, as transformers' hidden_states[1:]).
 
     Without a cache the block attends itself (causally; `key_valid` [B, T]). With one, the block is written at
     `write_index` and attends the cache's first `attend_slots` slots (`key_valid` [B, attend_slots]); with
@@ -133,7 +138,7 @@ class TextDecoder(nn.Module):
                      split_rngs={"params": True}, length=cfg.num_hidden_layers,
                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    (x, cache), _ = layers(cfg, self.dtype, self.param_dtype, self.attention, name="layers")(
+    (x, cache), per_layer = layers(cfg, self.dtype, self.param_dtype, self.attention, collect, name="layers")(
         (x, cache), jnp.arange(cfg.num_hidden_layers), cos, sin, key_valid, write_index, attend_slots)
     x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    return x, cache
+    return (x, cache, per_layer) if collect else (x, cache)
