@@ -3,8 +3,9 @@
 
 One hidden state is one vector, so the estimator's samples are its coordinates: token state h [D] and reference
 r [D] are D paired observations (h_i, r_i), and HSIC measures how far the pairing is from independent (a state
-whose large and small coordinates are where the reference's are scores high). The kernel is Gaussian with the bandwidth set by each vector's own spread (sigma^2 = its variance, so the mean pairwise
-squared distance is 2 sigma^2), which makes the score invariant to a vector's scale and offset. Normalised,
+whose large and small coordinates are where the reference's are scores high). The kernel is Gaussian with the
+bandwidth set by each vector's own spread (sigma^2 = its variance, so the mean pairwise squared distance is
+2 sigma^2), which makes the score invariant to a vector's scale and offset. Normalised,
 nHSIC = HSIC(h, r) / sqrt(HSIC(h, h) HSIC(r, r)) lies in [0, 1].
 
 Cost: the Gram matrix of a token is [D, D]; tokens go through in chunks (`lax.map`), so memory is
