@@ -129,3 +129,43 @@ def test_the_command_writes_mi_json_and_figures_and_names_a_bad_row(chat_checkpo
   with pytest.raises(DataError, match=r"bad.jsonl:2: 'harmful' must be true or false"):
     read_prompts(bad)
   assert read_prompts(data, harmful_only=True)[0].reference.startswith("I'm sorry")
+
+
+def test_the_analysis_needs_less_memory_than_the_generation_and_its_estimator_none_per_token():
+  """XLA's own counts (outputs + temporaries): a teacher-forced pass over 16 rows of 512 + 512 tokens needs less than
+  the generation's prefill of 64 such prompts (which writes the KV cache the decode loop then fills), at
+  Qwen2.5-VL-7B's ratio of kv width to hidden (2KH / D = 2/7) with the paper runs' attention kernel; the estimator's
+  temporaries do not grow with the response's length."""
+  import jax
+  from safework.analysis.responses import _layer_states
+  from safework.models import build_model, init_params
+  from safework.models.inputs import PreparedInputs
+  from safework.models.text_lm_config import text_only
+  from safework.rl.batch import SequenceBatch
+  from safework.sampling import Sampler
+  cfg = text_only(448, 4, 7, 1, 896, 512, model_type="qwen2", rope_theta=1e4, max_positions=4096, eps=1e-6)
+  t = cfg.text
+  assert 2 * t.num_key_value_heads * t.head_dim / t.hidden_size == pytest.approx(2 / 7)
+  model = build_model(cfg, attention="blockwise")   # no [T, S] scores, as splash at paper scale
+  params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.value.shape, x.value.dtype), params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  prompt, new, generated, per_pass = 512, 512, 64, 16
+  s = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
+  f32 = lambda *shape: s(*shape, dtype=jnp.float32)
+  prepared = PreparedInputs(positions=s(3, generated, prompt), rope_deltas=s(generated))
+  prefill = Sampler(model).jitted_prefill.lower(params, s(generated, prompt), s(generated, prompt), None, None,
+                                                prepared, capacity=prompt + new).compile().memory_analysis()
+  length = prompt + new
+  rows = SequenceBatch(input_ids=s(per_pass, length), attention_mask=s(per_pass, length, dtype=jnp.bool_),
+                       positions=s(per_pass, 3, length), feature_index=s(per_pass, length),
+                       loss_mask=f32(per_pass, new), advantages=f32(per_pass), old_logp=f32(per_pass, new),
+                       ref_logp=f32(per_pass, new), sampler_logp=f32(per_pass, new), behaviour_weight=f32(per_pass, new))
+  analysis = _layer_states.lower(model, params, rows, None).compile().memory_analysis()
+  peak = lambda m: m.output_size_in_bytes + m.temp_size_in_bytes
+  assert peak(analysis) < peak(prefill), (peak(analysis), peak(prefill))
+
+  def estimator_temp(tokens):
+    lowered = token_mutual_information.lower(f32(tokens, 448), f32(448), chunk=8)
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+  assert estimator_temp(512) == estimator_temp(64) < 20 * 448 * 448 * 4
