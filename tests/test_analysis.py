@@ -161,7 +161,7 @@ def test_the_analysis_needs_less_memory_than_the_generation_and_its_estimator_no
                        positions=s(per_pass, 3, length), feature_index=s(per_pass, length),
                        loss_mask=f32(per_pass, new), advantages=f32(per_pass), old_logp=f32(per_pass, new),
                        ref_logp=f32(per_pass, new), sampler_logp=f32(per_pass, new), behaviour_weight=f32(per_pass, new))
-  analysis = _layer_states.lower(model, params, rows, None).compile().memory_analysis()
+  analysis = _layer_states.lower(model, params, rows, None, (3,)).compile().memory_analysis()
   peak = lambda m: m.output_size_in_bytes + m.temp_size_in_bytes
   assert peak(analysis) < peak(prefill), (peak(analysis), peak(prefill))
 

@@ -74,15 +74,16 @@ class ResponseMI:
     return [self.tokens[i] for i in self.peaks[layer]]
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _layer_states(model: CausalLM, params, batch: SequenceBatch, features) -> jax.Array:
-  """Every layer's states [Y, B, L, D] of the rows (teacher-forced, the loss's layout)."""
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _layer_states(model: CausalLM, params, batch: SequenceBatch, features, layers: tuple[int, ...]) -> jax.Array:
+  """The states [len(layers), B, L, D] of the rows at `layers` (teacher-forced, the loss's layout)."""
   apply = functools.partial(model.apply, {"params": params})
   embeds = apply(batch.input_ids, method="embed")
   if features is not None:
     looked_up = features[jnp.maximum(batch.feature_index, 0)].astype(embeds.dtype)
     embeds = jnp.where((batch.feature_index >= 0)[..., None], looked_up, embeds)
-  return apply(embeds, batch.positions.transpose(1, 0, 2), batch.attention_mask, method="decode_layers")
+  every = apply(embeds, batch.positions.transpose(1, 0, 2), batch.attention_mask, method="decode_layers")
+  return every[np.asarray(layers)]
 
 
 def _response_states(model, params, prompts: PromptBatch, tokens: np.ndarray, lengths: np.ndarray,
@@ -95,7 +96,7 @@ def _response_states(model, params, prompts: PromptBatch, tokens: np.ndarray, le
   parts = []
   for start in range(0, tokens.shape[0], pass_rows):
     rows = batch.rows(np.arange(start, min(start + pass_rows, tokens.shape[0])))
-    states = _layer_states(model, params, rows, features)[np.asarray(layers)]
+    states = _layer_states(model, params, rows, features, layers)
     parts.append(np.asarray(states[:, :, -tokens.shape[1]:], np.float32))
   return np.concatenate(parts, axis=1)
 
