@@ -18,12 +18,12 @@ import transformers
 from safework import distributed, sharding
 from safework.models import CausalLM, build_model, get_preset, init_params
 from safework.models.checkpoint import abstract_params, load_config, load_params
-from safework.models.text import ATTENTION
 from safework.models.internvl_config import InternVLConfig
 from safework.models.presets import INTERNVL_TINY_EXTRA_TOKENS
+from safework.models.text import ATTENTION
 from safework.processing import Processor, VisionSettings, train_tokenizer
-from safework.processing.tokenizer import CHAT_TEMPLATE, TILE_CHAT_TEMPLATE
 from safework.processing.internvl_images import TileSettings
+from safework.processing.tokenizer import CHAT_TEMPLATE, TILE_CHAT_TEMPLATE
 
 
 @dataclasses.dataclass(frozen=True)

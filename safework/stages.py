@@ -13,16 +13,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import jax
 
 from safework import distributed, sharding
-from safework.data.example import PromptSource, Rows
+from safework.data.example import Example, PromptSource, Rows
 from safework.data.jsonl import DataError
 from safework.data.user_builders import UserPrompts, check_prompts, prepare, prompts_config, user_example
 from safework.experiment import close_matches, settings
-from safework.models import CausalLM, save_pretrained
+from safework.models import CausalLM, family_of, save_pretrained
 from safework.models.checkpoint import abstract_params
 from safework.policy import PolicySettings, load_processor, policy_model, policy_params
 from safework.processing import Processor
@@ -149,6 +149,7 @@ def run_stage(stage: Stage, *, policy: PolicySettings, data: StageData, seed: in
       if stage.reward is None and data.reward is None:
         raise ValueError("this RL stage has no reward section and its data brings no reward of its own")
       prompts = data.prompts(stage.reward.labels if stage.reward else (), processor, stage.rollout.max_prompt_length)
+      check_readable((prompts[i] for i in range(len(prompts))), model.config)
       tools = None
       if stage.tools is not None:
         corpus = stage.tools.corpus or data.search_corpus or ""
@@ -163,6 +164,7 @@ def run_stage(stage: Stage, *, policy: PolicySettings, data: StageData, seed: in
                          constraint=stage.constraint).run().params
     else:
       traces = data.traces(processor, stage.sft.prompt_length)
+      check_readable((example for example, _ in traces), model.config)
       params = policy_params(policy, model, mesh, rules, seed)
       params = SFTTrainer(model=model, params=params, processor=processor, traces=traces, settings=stage.sft,
                           optim=stage.optim, train=stage.train, seed=seed, workdir=workdir, mesh=mesh,
@@ -188,6 +190,18 @@ def from_config(config: Mapping[str, Any], workdir: str | Path, data: StageData 
   mesh, rules = sharding.make_mesh(dict(config["mesh"])), sharding.rules_of(config["sharding_rules"])
   return lambda: run_stage(stage, policy=policy, data=data, seed=config["seed"], workdir=workdir, mesh=mesh,
                            rules=rules)
+
+
+def check_readable(examples: Iterable[Example], model_config) -> None:
+  """A text-only policy reads no images or videos: the first example that has some is named before any weights
+  load."""
+  if family_of(model_config).reads_images:
+    return
+  for i, example in enumerate(examples):
+    if example.images or example.videos:
+      raise DataError(f"example {i} ({example.question[:60]!r}) has images or videos, but the policy is a text-only "
+                      f"{model_config.model_type} model: leave them out of its data, or start from a vision-language "
+                      "checkpoint")
 
 
 def check_own_documents(prompts: PromptSource) -> None:

@@ -160,3 +160,14 @@ def test_every_layers_states_equal_transformers_hidden_states(checkpoint):
   assert layers.shape[0] == len(expected) - 1
   for y in range(layers.shape[0] - 1):
     np.testing.assert_allclose(np.asarray(layers[y])[valid], expected[y + 1].numpy()[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_a_text_only_policy_names_an_example_with_an_image_before_its_weights_load(tmp_path):
+  from safework.data.example import Example
+  from safework.data.jsonl import DataError
+  from safework.models import get_preset
+  from safework.stages import check_readable
+  examples = [Example("what is 2 + 2"), Example("what colour is the shape?", images=(np.zeros((8, 8, 3), np.uint8),))]
+  with pytest.raises(DataError, match=r"example 1 \('what colour is the shape\?'\).*text-only llama"):
+    check_readable(iter(examples), get_preset("llama_tiny"))
+  check_readable(iter(examples), get_preset("tiny"))   # Qwen2.5-VL reads them
