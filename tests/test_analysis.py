@@ -59,10 +59,11 @@ def test_peaks_are_sharp_local_maxima_and_their_words_are_counted():
   assert find_peaks(mi[:3]).tolist() == []   # too short to have a spread
   assert find_peaks(np.full(10, 0.3)).tolist() == []
   assert word("Ġsorry,") == "sorry" and word("▁Can't") == "can't"
-  stats = peak_statistics([["ĠSorry", "Ġcannot"], ["Ġthe"], []], top=2)
-  assert stats.responses == 3 and stats.peaks == 3
-  assert stats.mean_peaks_per_response == pytest.approx(1.0)
-  assert stats.safety_share == pytest.approx(2 / 3)
+  assert word("<|im_end|>") == word("</think>") == word(",") == ""
+  stats = peak_statistics([["ĠSorry", "Ġcannot"], ["Ġthe", "<|im_end|>"], []], top=2)
+  assert stats.responses == 3 and stats.peaks == 4
+  assert stats.mean_peaks_per_response == pytest.approx(4 / 3)
+  assert stats.safety_share == pytest.approx(2 / 3)   # of the peaks on words
   assert stats.top_tokens[0][1] == 1 and len(stats.top_tokens) == 2
 
 

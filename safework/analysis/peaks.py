@@ -42,7 +42,10 @@ def find_peaks(mi: np.ndarray, rule: PeakRule = PeakRule()) -> np.ndarray:
 
 
 def word(token_text: str) -> str:
-  """A token's word: its letters and apostrophes, lowercased ("▁Sorry," -> "sorry")."""
+  """A token's word: its letters and apostrophes, lowercased ("▁Sorry," -> "sorry"); none for a special token
+  ("<|im_end|>")."""
+  if re.fullmatch(r"<\|.*\|>|<[^<>\s]+>", token_text):
+    return ""
   return "".join(re.findall(r"[a-zA-Z']+", token_text)).lower()
 
 
@@ -51,17 +54,16 @@ class PeakStatistics:
   responses: int
   peaks: int
   mean_peaks_per_response: float
-  safety_share: float                      # share of peak tokens that are SAFETY_WORDS
+  safety_share: float                      # share of the peaks on words that are SAFETY_WORDS
   top_tokens: tuple[tuple[str, int], ...]  # the most frequent peak words, with counts
 
 
 def peak_statistics(peak_tokens: Sequence[Sequence[str]], top: int = 20) -> PeakStatistics:
   """Statistics over responses given each response's peak token texts."""
-  words = [word(t) for tokens in peak_tokens for t in tokens]
-  counts = collections.Counter(w for w in words if w)
-  total = len(words)
+  peaks = sum(len(tokens) for tokens in peak_tokens)
+  words = [w for tokens in peak_tokens for w in map(word, tokens) if w]   # special tokens and punctuation left out
   return PeakStatistics(
-      responses=len(peak_tokens), peaks=total,
-      mean_peaks_per_response=total / len(peak_tokens) if peak_tokens else 0.0,
-      safety_share=sum(w in SAFETY_WORDS for w in words) / total if total else 0.0,
-      top_tokens=tuple(counts.most_common(top)))
+      responses=len(peak_tokens), peaks=peaks,
+      mean_peaks_per_response=peaks / len(peak_tokens) if peak_tokens else 0.0,
+      safety_share=sum(w in SAFETY_WORDS for w in words) / len(words) if words else 0.0,
+      top_tokens=tuple(collections.Counter(words).most_common(top)))
