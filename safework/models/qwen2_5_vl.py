@@ -83,9 +83,10 @@ class Qwen25VL(DecoderLM):
     return hidden if return_hidden else self.logits(hidden)
 
 
-def encode_vision(model: Qwen25VL, params, pixel_values: jax.Array, layout: VisionLayout | ShardedLayout
+def encode_vision(model, params, pixel_values: jax.Array, layout: VisionLayout | ShardedLayout | None
                   ) -> jax.Array:
-  """Features [M, D] of the images (or videos) of `layout`; a `ShardedLayout`'s shards encode data-parallel."""
+  """Features [M, D] of the images (or videos) of any family's `layout` (InternVL's tiles need none); a
+  `ShardedLayout`'s shards encode data-parallel."""
   encode = lambda p, pixels, one_layout: model.apply({"params": p}, pixels, one_layout, method="encode_vision")
   if isinstance(layout, ShardedLayout):
     return encode_sharded(encode, params, pixel_values, layout)

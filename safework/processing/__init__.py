@@ -1,4 +1,4 @@
-"""Preprocessing in numpy: images, videos, chat templates and tokenisation for Qwen2.5-VL."""
+"""Preprocessing in numpy: images (Qwen2.5-VL patches, InternVL tiles), videos, chat templates and tokenisation."""
 
 from safework.processing.image import ImageError, VisionSettings, preprocess_image, smart_resize
 from safework.processing.processor import Processor, PromptTooLongError, left_pad
