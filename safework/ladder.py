@@ -145,6 +145,12 @@ class Ladder:
                intervention_stages=intervention_stages, tools=tools[0] if tools else None,
                aha=settings(AnalysisSettings, config.aha) if config.get("aha") else None)
 
+  def stage_policy(self, out: Path, mesh):
+    """The model, processor and parameters (on `mesh`) of the policy a stage wrote to `out/policy`."""
+    policy = dataclasses.replace(self.policy, checkpoint=str(out / "policy"))
+    model = policy_model(policy)
+    return model, load_processor(policy, out), policy_params(policy, model, mesh, self.rules)
+
   def evaluate_intervened(self, name: str, out: Path, mesh, test, verifiers) -> dict:
     """The stage's policy evaluated with the step search guided by the ladder's judges (once; kept in
     `eval_<mode>.json`). The search calls no tool, so the search questions are left out."""
@@ -153,9 +159,7 @@ class Ladder:
     path = out / f"eval_{mode}.json"
     if not path.is_file():
       start = time.perf_counter()
-      policy = dataclasses.replace(self.policy, checkpoint=str(out / "policy"))
-      model, processor = policy_model(policy), load_processor(policy, out)
-      params = policy_params(policy, model, mesh, self.rules)
+      model, processor, params = self.stage_policy(out, mesh)
       sampling = eval_sampling(model, processor.tokenizer, self.eval.max_new_tokens)
       search = StepSearch(Sampler(model, mesh=mesh, rules=self.rules), processor.tokenizer, verifiers,
                           self.intervention, sampling)
@@ -176,9 +180,7 @@ class Ladder:
     out = workdir / "aha" / name
     if not (out / "mi.json").is_file():
       start = time.perf_counter()
-      policy = dataclasses.replace(self.policy, checkpoint=str(workdir / "stages" / name / "policy"))
-      model, processor = policy_model(policy), load_processor(policy, workdir)
-      params = policy_params(policy, model, mesh, self.rules)
+      model, processor, params = self.stage_policy(workdir / "stages" / name, mesh)
       harmful = [e for e in test if e.meta.get("harmful")]
       with jax.set_mesh(mesh):
         responses = analyze(model, params, processor, harmful, [tiny_suite.REFUSAL] * len(harmful), self.aha,

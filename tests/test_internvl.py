@@ -27,7 +27,6 @@ from safework.models.internvl_keys import canonical_key, hf_tensor_map
 from safework.models.presets import INTERNVL_TINY_EXTRA_TOKENS
 from safework.processing import internvl_images as tiling
 from safework.processing import Processor, train_tokenizer
-from safework.rl import rollout as rollouts
 from safework.rl.batch import VisionContext, vision_features
 from safework.rl.logprobs import response_logprobs
 from safework.rl.losses import LossSettings
@@ -35,6 +34,7 @@ from safework.rl.objectives import PolicyGradientObjective
 from safework.rl.optim import OptimSettings, make_optimizer
 from safework.sampling import Sampler, SamplingSettings
 from safework.training import TrainState, make_train_step
+from tests.test_train_step import sampled_rows
 from safework.sharding import DEFAULT_RULES
 
 TOL = 1e-5
@@ -454,12 +454,7 @@ def test_rl_rows_score_the_sampled_tokens_as_the_sampler_did_and_the_tower_stays
   prompts = dict(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32), pixel_values=pixels)
   out = Sampler(model).generate(params, prompts, jax.random.key(0), SamplingSettings(max_new_tokens=6, temperature=1.0),
                                 num_samples=2)
-  rollout = rollouts.Rollout(
-      prompts=rollouts.PromptBatch(**prompts), responses=np.asarray(out.tokens), lengths=np.asarray(out.lengths),
-      done=np.asarray(out.done), policy_logp=np.asarray(out.logprobs),
-      behaviour_logp=np.asarray(out.behaviour_logprobs), rewards=np.zeros(4, np.float32), components={},
-      trained=np.ones(4, bool), advantages=np.array([1.0, -1.0, 0.5, -0.5], np.float32))
-  batch, vision = rollouts.training_rows(rollout, model.config, LossSettings())
+  batch, vision = sampled_rows(model, prompts, out)
   features = vision_features(model, params, vision)
   logp, _ = jax.jit(lambda p, b, f: response_logprobs(model, p, b, f, chunk=4))(params, batch, features)
   valid = np.asarray(batch.loss_mask).astype(bool)

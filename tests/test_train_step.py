@@ -23,6 +23,16 @@ from tests import hf_reference as ref
 GROUP = 2
 
 
+def sampled_rows(model, prompts: dict, out):
+  """Training rows and vision inputs of 2 prompts x 2 samples the sampler drew, with advantages 1, -1, 0.5, -0.5."""
+  rollout = rollouts.Rollout(
+      prompts=rollouts.PromptBatch(**prompts), responses=np.asarray(out.tokens), lengths=np.asarray(out.lengths),
+      done=np.asarray(out.done), policy_logp=np.asarray(out.logprobs),
+      behaviour_logp=np.asarray(out.behaviour_logprobs), rewards=np.zeros(4, np.float32), components={},
+      trained=np.ones(4, bool), advantages=np.array([1.0, -1.0, 0.5, -0.5], np.float32))
+  return rollouts.training_rows(rollout, model.config, LossSettings())
+
+
 @pytest.fixture(scope="module")
 def rollout(hf_checkpoints):
   """Two prompts (one with an image) x 2 samples from the tiny reference model, laid out as training rows."""
@@ -39,12 +49,7 @@ def rollout(hf_checkpoints):
                  image_grid_thw=np.array(grids))
   settings = SamplingSettings(max_new_tokens=6, temperature=1.0, eos_ids=(ref.IM_END,))
   out = Sampler(model).generate(params, prompts, jax.random.key(0), settings, num_samples=GROUP)
-  rollout = rollouts.Rollout(
-      prompts=rollouts.PromptBatch(**prompts), responses=np.asarray(out.tokens), lengths=np.asarray(out.lengths),
-      done=np.asarray(out.done), policy_logp=np.asarray(out.logprobs),
-      behaviour_logp=np.asarray(out.behaviour_logprobs), rewards=np.zeros(4, np.float32), components={},
-      trained=np.ones(4, bool), advantages=np.array([1.0, -1.0, 0.5, -0.5], np.float32))
-  batch, vision = rollouts.training_rows(rollout, model.config, LossSettings())
+  batch, vision = sampled_rows(model, prompts, out)
   return model, params, batch, vision
 
 

@@ -1,34 +1,36 @@
-"""Figures of the aha-moment analysis: MI over a response's tokens with its peaks named, and the words at peaks."""
+"""Figures of the aha-moment analysis: MI over a response's tokens with its peaks named, and the words at peaks.
+
+No backend is chosen here, so a notebook keeps its inline one; headless, matplotlib falls back to Agg."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from safework.analysis.peaks import PeakStatistics, word  # noqa: E402
-from safework.analysis.responses import ResponseMI  # noqa: E402
+from safework.analysis.peaks import PeakStatistics, word
+from safework.analysis.responses import ResponseMI
 
 
-def plot_curves(responses: Sequence[ResponseMI], layer: int, path: Path, count: int = 4,
-                labels: Sequence[str] | None = None) -> None:
-  """MI over positions for the first `count` responses (one panel each), each peak marked with its word; `labels`
-  titles the panels (default: the questions)."""
+def draw_curve(ax, response: ResponseMI, layer: int, title: str) -> None:
+  """One response's MI over its tokens on `ax`, each peak marked with its word."""
+  mi = response.mi[layer]
+  ax.plot(range(len(mi)), mi, lw=1.2)
+  for position in response.peaks[layer]:
+    ax.plot(position, mi[position], "o", color="crimson")
+    ax.annotate(word(response.tokens[position]) or response.tokens[position], (position, mi[position]),
+                textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8, color="crimson")
+  ax.set_ylabel("MI")
+  ax.set_title(title[:90], fontsize=9)
+
+
+def plot_curves(responses: Sequence[ResponseMI], layer: int, path: Path, count: int = 4) -> None:
+  """MI over positions for the first `count` responses, one panel each, titled by their questions."""
   shown = list(responses)[:count]
   fig, axes = plt.subplots(len(shown), 1, figsize=(9, 2.2 * max(len(shown), 1)), squeeze=False)
-  for i, (ax, response) in enumerate(zip(axes[:, 0], shown)):
-    mi = response.mi[layer]
-    ax.plot(range(len(mi)), mi, lw=1.2)
-    for position in response.peaks[layer]:
-      ax.plot(position, mi[position], "o", color="crimson")
-      ax.annotate(word(response.tokens[position]) or response.tokens[position], (position, mi[position]),
-                  textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8, color="crimson")
-    ax.set_ylabel("MI")
-    ax.set_title((labels[i] if labels else response.question)[:90], fontsize=9)
+  for ax, response in zip(axes[:, 0], shown):
+    draw_curve(ax, response, layer, response.question)
   axes[-1, 0].set_xlabel(f"response token (layer {layer})")
   fig.tight_layout()
   fig.savefig(path, dpi=110)

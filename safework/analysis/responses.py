@@ -30,6 +30,7 @@ from safework.data.example import Example
 from safework.models.protocol import CausalLM
 from safework.processing import Processor
 from safework.rl.batch import SequenceBatch, prompt_sequences, vision_features
+from safework.rl.logprobs import row_embeddings
 from safework.sampling import Sampler, SamplingSettings
 from safework.sampling.prompts import PromptBatch
 
@@ -77,12 +78,9 @@ class ResponseMI:
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _layer_states(model: CausalLM, params, batch: SequenceBatch, features, layers: tuple[int, ...]) -> jax.Array:
   """The states [len(layers), B, L, D] of the rows at `layers` (teacher-forced, the loss's layout)."""
-  apply = functools.partial(model.apply, {"params": params})
-  embeds = apply(batch.input_ids, method="embed")
-  if features is not None:
-    looked_up = features[jnp.maximum(batch.feature_index, 0)].astype(embeds.dtype)
-    embeds = jnp.where((batch.feature_index >= 0)[..., None], looked_up, embeds)
-  every = apply(embeds, batch.positions.transpose(1, 0, 2), batch.attention_mask, method="decode_layers")
+  embeds = row_embeddings(model, params, batch, features)
+  every = model.apply({"params": params}, embeds, batch.positions.transpose(1, 0, 2), batch.attention_mask,
+                      method="decode_layers")
   return every[np.asarray(layers)]
 
 

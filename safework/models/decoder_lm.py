@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from safework.models.inputs import text_positions
 from safework.models.layers import Dtype, default_kernel_init, logical_param
 from safework.models.text import ATTENTION, KVCache, TextDecoder
 
@@ -46,6 +47,15 @@ class DecoderLM(nn.Module):
     """Final hidden states [B, T, D] (and the updated cache) from embeddings and positions [3, B, T]; attention
     is causal over the valid keys (see `models.text.TextDecoder`)."""
     return self.decoder(embeds, positions, key_valid, cache, write_index, attend_slots)
+
+  def decode_1d(self, embeds: jax.Array, attention_mask: jax.Array | None = None,
+                position_ids: jax.Array | None = None) -> jax.Array:
+    """Final hidden states [B, T, D] of a whole sequence with 1D positions: `position_ids` [B, T] (or its three
+    rows), by default counted over the unpadded tokens, as `generate` numbers a left-padded batch."""
+    b, t = embeds.shape[:2]
+    key_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
+    positions = text_positions(key_valid) if position_ids is None else jnp.broadcast_to(position_ids, (3, b, t))
+    return self.decode(embeds, positions, key_valid)[0]
 
   def decode_layers(self, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array) -> jax.Array:
     """Every decoder layer's output [Y, B, T, D] (the residual stream before the final norm), for analysis."""

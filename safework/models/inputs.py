@@ -66,6 +66,12 @@ def text_positions(attention_mask) -> jax.Array:
   return jnp.broadcast_to(rows[None], (3, *rows.shape))
 
 
+def _prepared_1d(ids: np.ndarray, mask: np.ndarray | None) -> PreparedInputs:
+  """1D positions (host arrays) over the unpadded tokens; 1D RoPE needs no rope deltas."""
+  positions = np.asarray(text_positions(np.ones(ids.shape, bool) if mask is None else mask))
+  return PreparedInputs(positions=positions, rope_deltas=np.zeros(ids.shape[0], np.int32))
+
+
 def _ids_and_mask(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray | None]:
   ids = _concrete(input_ids, "input_ids")
   if ids.ndim != 2:
@@ -93,8 +99,7 @@ def _text_only(cfg: TextLMConfig, input_ids, attention_mask=None, image_grid_thw
   if any(x is not None for x in (image_grid_thw, video_grid_thw, pixel_values, pixel_values_videos)):
     raise ValueError(f"the policy is a text-only {cfg.model_type} model: it cannot read images or videos; drop them "
                      "from the data, or start from a vision-language checkpoint")
-  positions = np.asarray(text_positions(np.ones(ids.shape, bool) if mask is None else mask))
-  return PreparedInputs(positions=positions, rope_deltas=np.zeros(ids.shape[0], np.int32))
+  return _prepared_1d(ids, mask)
 
 
 def check_tiles(cfg: InternVLConfig, input_ids, pixel_shape: tuple[int, ...] | None) -> None:
@@ -118,8 +123,7 @@ def _internvl(cfg: InternVLConfig, input_ids, attention_mask=None, image_grid_th
     raise ValueError("InternVL reads images as tiles (pixel_values [tiles, 3, S, S], no grids, no videos): "
                      "prepare them with safework.processing.internvl_images")
   check_tiles(cfg, ids, None if pixel_values is None else np.shape(pixel_values))
-  positions = np.asarray(text_positions(np.ones(ids.shape, bool) if mask is None else mask))
-  return PreparedInputs(positions=positions, rope_deltas=np.zeros(ids.shape[0], np.int32))
+  return _prepared_1d(ids, mask)
 
 
 @prepare_inputs.register

@@ -24,7 +24,7 @@ import numpy as np
 
 from safework.models.attention import blockwise_attention, dot_product_attention, grouped_query_attention
 from safework.models.decoder_lm import DecoderLM
-from safework.models.inputs import check_tiles, text_positions
+from safework.models.inputs import check_tiles
 from safework.models.internvl_config import InternVisionConfig, InternVLConfig
 from safework.models.internvl_keys import hf_tensor_map
 from safework.models.layers import Dtype, Einsum, RMSNorm, logical_param
@@ -284,18 +284,12 @@ class InternVL(DecoderLM):
       if isinstance(input_ids, np.ndarray):
         check_tiles(self.config, input_ids, pixel_values.shape)
       image_features = self.encode_vision(pixel_values)
-    b, t = input_ids.shape
+    t = input_ids.shape[1]
     if self.config.dynamic_rope_factor is not None and t > self.config.text.max_position_embeddings:
       raise NotImplementedError(
           f"{t} tokens run past max_position_embeddings={self.config.text.max_position_embeddings}, where "
           "transformers' dynamic rope scaling changes the frequencies; only plain RoPE below it is implemented")
-    embeds = self.embed(input_ids, image_features)
-    key_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
-    if position_ids is None:
-      positions = text_positions(key_valid)
-    else:
-      positions = jnp.broadcast_to(position_ids, (3, b, t)) if position_ids.ndim == 2 else position_ids
-    hidden, _ = self.decode(embeds, positions, key_valid)
+    hidden = self.decode_1d(self.embed(input_ids, image_features), attention_mask, position_ids)
     return hidden if return_hidden else self.logits(hidden)
 
 

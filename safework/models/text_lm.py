@@ -9,12 +9,10 @@ Axis legend: B batch, T time, D hidden, V vocab.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from safework.models.decoder_lm import DecoderLM
 from safework.models.hf_keys import HfTensor, ParamPath, language_model_tensors
-from safework.models.inputs import text_positions
 from safework.models.text_lm_config import TextLMConfig
 
 
@@ -35,13 +33,7 @@ class TextLM(DecoderLM):
                position_ids: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:
     """Logits [B, T, V] (or final hidden states), like `LlamaForCausalLM.forward` with `position_ids` [B, T]
     (default: counted over the unpadded tokens, as `generate` does)."""
-    b, t = input_ids.shape
-    key_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
-    if position_ids is None:
-      positions = text_positions(key_valid)
-    else:
-      positions = jnp.broadcast_to(position_ids, (3, b, t))
-    hidden, _ = self.decode(self.embed(input_ids), positions, key_valid)
+    hidden = self.decode_1d(self.embed(input_ids), attention_mask, position_ids)
     return hidden if return_hidden else self.logits(hidden)
 
 

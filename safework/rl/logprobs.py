@@ -51,16 +51,21 @@ def chunked_token_logprobs(hidden: jax.Array, output_embedding: jax.Array, targe
   return unchunk(logp), unchunk(entropy)
 
 
+def row_embeddings(model: CausalLM, params, batch: SequenceBatch, features: jax.Array | None) -> jax.Array:
+  """The rows' input embeddings [B, L, D], each placeholder's vision feature looked up by `feature_index`."""
+  embeds = model.apply({"params": params}, batch.input_ids, method="embed")
+  if features is None:
+    return embeds
+  looked_up = features[jnp.maximum(batch.feature_index, 0)].astype(embeds.dtype)
+  return jnp.where((batch.feature_index >= 0)[..., None], looked_up, embeds)
+
+
 def response_logprobs(model: CausalLM, params, batch: SequenceBatch, features: jax.Array | None,
                       chunk: int, vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Log-probs and entropies [B, N] of each row's response tokens under `params` (over the first `vocab_limit`
   ids when given: the tokenizer's vocabulary, as the sampler draws)."""
   apply = functools.partial(model.apply, {"params": params})
-  embeds = apply(batch.input_ids, method="embed")
-  if features is not None:
-    has_feature = batch.feature_index >= 0
-    looked_up = features[jnp.maximum(batch.feature_index, 0)].astype(embeds.dtype)
-    embeds = jnp.where(has_feature[..., None], looked_up, embeds)
+  embeds = row_embeddings(model, params, batch, features)
   length = batch.input_ids.shape[1]
   hidden, _ = apply(embeds, batch.positions.transpose(1, 0, 2), batch.attention_mask, method="decode")
   n = batch.response_length
