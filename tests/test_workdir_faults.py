@@ -121,8 +121,8 @@ def test_a_training_run_stops_when_its_checkpoints_cannot_be_written(tmp_path):
 
   def reward(examples, responses, lengths):   # the second rollout finds its checkpoints gone
     calls.append(1)
-    if len(calls) == 2:
-      shutil.rmtree(workdir / "checkpoints")
+    if len(calls) == 2:   # moved away in one step: orbax may still be writing step 1 in the background
+      (workdir / "checkpoints").rename(tmp_path / "checkpoints_moved_away")
       (workdir / "checkpoints").write_text("not a directory any more")
     return toy_digits.reward(examples, responses, lengths)
 
