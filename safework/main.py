@@ -117,13 +117,27 @@ def main(argv) -> None:
   distributed.initialize_from_env()   # before anything touches the devices
   if not _VERBOSE.value:
     _quiet_libraries()
+  from safework.training import CheckpointSaveError
   try:
     _run(_CONFIG.value, _WORKDIR.value)
+  except CheckpointSaveError as e:
+    _report(e)
+    # The failed save's orbax threads wait for signals that never come (300 s each): `sys.exit` would wait with
+    # them, and a scheduler would see a run that neither trains nor ends.
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
   except Exception as e:  # noqa: BLE001
-    if _VERBOSE.value:
-      raise
-    logging.error("%s: %s\n(re-run with --verbose for the traceback)", type(e).__name__, e)
+    _report(e)
     sys.exit(1)
+
+
+def _report(error: Exception) -> None:
+  if _VERBOSE.value:
+    logging.exception("%s: %s", type(error).__name__, error)
+  else:
+    logging.error("%s: %s\n(re-run with --verbose for the traceback)", type(error).__name__, error)
 
 
 def _run(config, workdir: str) -> None:

@@ -133,6 +133,24 @@ def test_a_training_run_stops_when_its_checkpoints_cannot_be_written(tmp_path):
   assert time.perf_counter() - start < 120 and len(read_metrics(workdir)) <= 6
 
 
+def test_the_entry_point_ends_at_once_when_a_save_fails_though_orbax_threads_still_wait(tmp_path):
+  """A failed save leaves orbax threads waiting (300 s per signal) for a save that never comes: the command names
+  the failure and ends, rather than hang at exit while a scheduler waits for it."""
+  script = ("import sys, threading\n"
+            "from absl import app\n"
+            "from safework import main\n"
+            "from safework.training import CheckpointSaveError\n"
+            "def run(config, workdir):\n"
+            "  threading.Thread(target=threading.Event().wait, name='orbax-like').start()   # never ends\n"
+            "  raise CheckpointSaveError(f'saving the checkpoint of step 3 to {workdir} failed')\n"
+            "main._run = run\n"
+            "app.run(main.main, flags_parser=main._parse_flags)\n")
+  ended = subprocess.run([sys.executable, "-c", script, "--config=experiments/toy_rl.py:runlocal",
+                          f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert ended.returncode == 1, ended.stderr[-2000:]
+  assert f"CheckpointSaveError: saving the checkpoint of step 3 to {tmp_path} failed" in ended.stderr
+
+
 def test_one_run_per_work_directory_and_a_lock_that_survives_kill_9(tmp_path):
   holder = subprocess.Popen(
       [sys.executable, "-c", "import sys, time; from safework.training.workdir import WorkdirLock; "
