@@ -5,14 +5,14 @@ r"""The whole SafeLadder on the tiny preset, from scratch, on a CPU in minutes: 
   python -m safework.main --config experiments/tiny_safeladder.py:preset=llama_tiny,smoke --workdir /tmp/llama
 
 `preset` picks the tiny architecture: `tiny` (Qwen2.5-VL) or `llama_tiny` (a text-only Llama 3: the suite then
-leaves out its image tasks). `smoke` runs every stage for a step or two on small splits: a check that the ladder
-works end to end on an architecture, not a result.
+leaves out its image tasks). `smoke` runs every stage but the deliberative search for a step or two on small
+splits: a check that the ladder works end to end on an architecture, not a result.
 
 Builds the embedded tiny suite (tfds), trains the tiny safety and value judges, then CoT-SFT -> M³-RL kg ->
-M³-RL svkg -> safe-and-efficient RL -> deliberative-search RL (not in runlocal), each stage starting from (and
-KL-anchored to) the previous one, evaluated on the test split after each; then the safety aha-moment analysis of
-the first and the last checkpoint (not in runlocal). Writes report.json, report.md and plots to the work
-directory.
+M³-RL svkg -> safe-and-efficient RL -> deliberative-search RL (runlocal stops after svkg), each stage starting
+from (and KL-anchored to) the previous one, evaluated on the test split after each; then the safety aha-moment
+analysis of the first and the last checkpoint (not in runlocal). Writes report.json, report.md and plots to the
+work directory.
 """
 
 import ml_collections
@@ -37,13 +37,15 @@ def get_config(arg=None):
       safety=dict(judge, judge="safety", instruction="Question: {question}\nResponse: {answer}\nSafety verdict:"),
       value=dict(judge, judge="value", instruction="Question: {question}\nResponse: {answer}\nValue verdict:"))
   config.eval = section(EvalSettings, max_new_tokens=48, batch_size=50, max_prompt_length=80)
-  # runlocal (CI) leaves the deliberative-search stage out (its pieces are tested apart): the job is CI's longest.
-  config.stage_order = ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"] + (
-      [] if arg.runlocal else ["deliberative_search"])
-  # The first and the last checkpoint (runlocal: the first) are evaluated a second time with the verifier-guided step search: a step is
-  # the reasoning (up to </think>) or the answer, 4 candidates each (the first greedy), each valued by the tiny
-  # judges on its greedy completion (they read final answers); capability rows are not judged (no gold answers at
-  # inference time), so they keep the greedy answer.
+  # runlocal (CI's job, its longest) stops after svkg and smoke before the deliberative search: the pieces of the
+  # stages they leave out are tested apart (and the smoke run takes safe-and-efficient RL end to end).
+  last = "deliberative_search" if not arg.runlocal else "efficient_rl" if arg.smoke else "m3rl_svkg"
+  ladder = ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl", "deliberative_search"]
+  config.stage_order = ladder[:ladder.index(last) + 1]
+  # The first and the last checkpoint (runlocal: the first) are evaluated a second time with the verifier-guided
+  # step search: a step is the reasoning (up to </think>) or the answer, 4 candidates each (the first greedy), each
+  # valued by the tiny judges on its greedy completion (they read final answers); capability rows are not judged
+  # (no gold answers at inference time), so they keep the greedy answer.
   config.intervention_stages = ("sft",) if arg.runlocal else ("sft", "deliberative_search")
   judged = {"safety": [["safety", 1.0]], "safety_rule": [["safety", 1.0]], "value": [["value", 1.0]]}
   # A text-only policy's suite has no image tasks, so no `safety_rule` rows (the typographic attacks).
@@ -62,7 +64,8 @@ def get_config(arg=None):
     config.stages.sft.optim.learning_rate = 1e-2
   config.stages.m3rl_kg = m3rl_kg.stage("tiny", arg.runlocal)
   config.stages.m3rl_svkg = m3rl_svkg.stage("tiny", arg.runlocal)
-  config.stages.efficient_rl = efficient_rl.stage("tiny", arg.runlocal)
+  if "efficient_rl" in config.stage_order:
+    config.stages.efficient_rl = efficient_rl.stage("tiny", arg.runlocal)
   if not arg.runlocal:
     config.stages.deliberative_search = deliberative_search.stage("tiny")   # the suite's corpus
   for name in config.stage_order[1:]:

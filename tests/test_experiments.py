@@ -55,11 +55,14 @@ def test_large_variants_carry_the_papers_hyperparameters(variant):
   assert config.model.dtype == "bfloat16" and config.model.remat == "full"
 
 
-@pytest.mark.parametrize("runlocal", [False, True])
-def test_tiny_ladder_and_toy_configs(runlocal):
-  ladder = Ladder.from_config(tiny_safeladder.get_config("runlocal" if runlocal else None))
-  assert list(ladder.stages) == ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"] + (
-      [] if runlocal else ["deliberative_search"])
+@pytest.mark.parametrize("size,stages", [
+    (None, ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl", "deliberative_search"]),
+    ("runlocal", ["sft", "m3rl_kg", "m3rl_svkg"]),
+    ("smoke", ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"])])
+def test_tiny_ladder_and_toy_configs(size, stages):
+  ladder = Ladder.from_config(tiny_safeladder.get_config(size))
+  assert list(ladder.stages) == stages
+  runlocal = size is not None
   toy = parse_stage(toy_rl.get_config("runlocal" if runlocal else None), top_level=True)
   assert toy.reward is None and toy.rollout.num_rollouts == (6 if runlocal else 20)
   if runlocal:

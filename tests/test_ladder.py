@@ -1,4 +1,4 @@
-"""The main job, `runlocal`: data, judges, SFT, three RL stages, evaluation and the report, through the CLI; and the
+"""The main job, `runlocal`: data, judges, SFT, two RL stages, evaluation and the report, through the CLI; and the
 same ladder, smoke-sized, on a text-only Llama.
 
 Each runs in its own process on one CPU device (the user's command, and fast); the pieces they chain are tested
@@ -20,11 +20,12 @@ def test_runlocal_ladder_improves_safety_and_capability_over_sft(tmp_path, monke
   env = dict(os.environ, XLA_FLAGS="")
   command = [sys.executable, "-m", "safework.main", "--config=experiments/tiny_safeladder.py:runlocal",
              f"--workdir={tmp_path}"]
-  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+  # The job takes about 5 minutes on 2 cores beside the rest of the suite; the timeout only guards against a hang.
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
   rows = [(c["stage"], c.get("intervention")) for c in report["checkpoints"]]
-  assert rows == [("sft", None), ("sft", "rerank"), ("m3rl_kg", None), ("m3rl_svkg", None), ("efficient_rl", None)]
+  assert rows == [("sft", None), ("sft", "rerank"), ("m3rl_kg", None), ("m3rl_svkg", None)]
   sft, sft_rerank, final = report["checkpoints"][0], report["checkpoints"][1], report["checkpoints"][-1]
   assert final["capability"] > sft["capability"] + 0.1, report
   assert final["safety"] > sft["safety"] + 0.03, report
@@ -39,7 +40,7 @@ def test_runlocal_ladder_improves_safety_and_capability_over_sft(tmp_path, monke
     plain = checkpoint.get("intervention") is None
     assert all((k in checkpoint) == plain for k in ("search_accuracy", "false_certain_rate", "ece",
                                                     "searches_per_answer")), checkpoint
-  assert (tmp_path / "stages" / "efficient_rl" / "policy" / "config.json").is_file()
+  assert (tmp_path / "stages" / "m3rl_svkg" / "policy" / "config.json").is_file()
   assert json.loads((tmp_path / "verifiers" / "safety" / "eval.json").read_text())["accuracy"] > 0.8
   _evaluate_with_the_ladders_own_judge(tmp_path)
   monkeypatch.setenv("SAFEWORK_LADDER", str(tmp_path))
@@ -56,7 +57,7 @@ def _evaluate_with_the_ladders_own_judge(workdir):
   config.update(max_new_tokens=8, batch_size=4, dtype="float32", judge_batch_size=4)
   out = workdir / "eval"
   judge = f"safety:{workdir / 'verifiers' / 'safety'}"
-  pipeline.run(["xstest"], [str(_xstest(workdir))], str(workdir / "stages" / "efficient_rl" / "policy"), [], out,
+  pipeline.run(["xstest"], [str(_xstest(workdir))], str(workdir / "stages" / "m3rl_svkg" / "policy"), [], out,
                judge, None, config, intervention="rerank", intervention_judges=[judge])
   results = json.loads((out / "xstest" / "results.json").read_text())
   rows = [json.loads(line) for line in (out / "xstest" / "responses.jsonl").read_text().splitlines()]
@@ -78,7 +79,9 @@ def test_text_only_llama_ladder_runs_end_to_end(tmp_path, monkeypatch):
   from safework.models import TextLM, from_pretrained
   command = [sys.executable, "-m", "safework.main", "--config=experiments/tiny_safeladder.py:preset=llama_tiny,smoke",
              f"--workdir={tmp_path}"]
-  result = subprocess.run(command, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=600)
+  # One device, compiled for speed of compiling (a smoke run compiles more than it computes).
+  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
   assert [c["stage"] for c in report["checkpoints"]] == ["sft", "m3rl_kg", "m3rl_svkg", "efficient_rl"]
