@@ -20,7 +20,7 @@ def test_runlocal_ladder_improves_safety_and_capability_over_sft(tmp_path, monke
   env = dict(os.environ, XLA_FLAGS="")
   command = [sys.executable, "-m", "safework.main", "--config=experiments/tiny_safeladder.py:runlocal",
              f"--workdir={tmp_path}"]
-  # The job takes about 5 minutes on 2 cores beside the rest of the suite; the timeout only guards against a hang.
+  # The job takes about 7 minutes on 2 cores beside the rest of the suite; the timeout only guards against a hang.
   result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
