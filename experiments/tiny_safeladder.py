@@ -66,7 +66,7 @@ def get_config(arg=None):
   config.stages.m3rl_svkg = m3rl_svkg.stage("tiny", arg.runlocal)
   if "efficient_rl" in config.stage_order:
     config.stages.efficient_rl = efficient_rl.stage("tiny", arg.runlocal)
-  if not arg.runlocal:
+  if "deliberative_search" in config.stage_order:
     config.stages.deliberative_search = deliberative_search.stage("tiny")   # the suite's corpus
   for name in config.stage_order[1:]:
     if text_only and "safety_rule" in config.stages[name].reward.recipes:
